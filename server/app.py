@@ -1,0 +1,194 @@
+"""One slimserve process: load the configured models, serve them over gRPC, export metrics.
+
+``SlimServer.start()`` binds the ports first (health NOT_SERVING, ServerReady false), then loads and
+warms up every model off the event loop, and only then reports SERVING.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import time
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+
+import grpc
+import numpy as np
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+
+from protos import classifier_pb2, classifier_pb2_grpc, grpc_service_pb2, grpc_service_pb2_grpc
+from server.classify_servicer import ClassifierServicer
+from server.batching import Forward
+from server.dataplane import DataPlane
+from server.images import ImagePreprocessor
+from server.kserve_servicer import KServeServicer
+from server.loading import load_model
+from server.metrics import MetricsEndpoint, ServerMetrics
+from server.registry import ORIGINAL, ModelRegistry, ServedModel
+from server.runners import eager_forward
+from server.settings import DeployConfig, ModelSettings
+
+log = logging.getLogger("slimserve.app")
+
+SERVICE_NAMES = (
+    grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
+    classifier_pb2.DESCRIPTOR.services_by_name["Classifier"].full_name,
+)
+
+
+class StartupError(Exception):
+    """The server cannot start (port in use, model fails to load); the message says why."""
+
+
+class SlimServer:
+    def __init__(self, config: DeployConfig) -> None:
+        self.config = config
+        self.metrics = ServerMetrics()
+        # NOTE: one inference thread: torch already uses every core inside a forward pass, and a single
+        # thread lets the next batch gather while the current one runs.
+        self._inference_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
+        self._decode_pool = ThreadPoolExecutor(
+            max_workers=config.server.decode_threads, thread_name_prefix="decode"
+        )
+        self.registry = ModelRegistry(self.metrics, self._inference_pool)
+        self.plane = DataPlane(self.registry, self.metrics, self._decode_pool)
+        self._health = health_aio.HealthServicer()
+        self._ready = False
+        self._grpc: grpc.aio.Server | None = None
+        self._metrics_endpoint: MetricsEndpoint | None = None
+        self.grpc_port = 0
+
+    @property
+    def ready(self) -> bool:
+        return self._ready
+
+    @property
+    def metrics_port(self) -> int:
+        return self._metrics_endpoint.port if self._metrics_endpoint else 0
+
+    async def start(self) -> None:
+        await self._listen()
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        for settings in self.config.models:
+            await self._load(settings)
+        self._ready = True
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        log.info("ready: serving %s", ", ".join(m.name for m in self.registry.models()))
+
+    async def stop(self, grace_s: float = 5.0) -> None:
+        """Refuse new requests, let in-flight ones finish within ``grace_s``, then release everything."""
+        self._ready = False
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self._grpc is not None:
+            await self._grpc.stop(grace_s)
+        await self.registry.stop()
+        if self._metrics_endpoint is not None:
+            self._metrics_endpoint.close()
+        self._inference_pool.shutdown(wait=True)
+        self._decode_pool.shutdown(wait=True)
+        log.info("stopped")
+
+    async def _listen(self) -> None:
+        server_settings = self.config.server
+        limit = server_settings.max_message_bytes
+        self._grpc = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", limit),
+                ("grpc.max_send_message_length", limit),
+                # NOTE: without this a second server could silently share the port with a first one.
+                ("grpc.so_reuseport", 0),
+            ]
+        )
+        grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
+            KServeServicer(self.plane, lambda: self._ready), self._grpc
+        )
+        classifier_pb2_grpc.add_ClassifierServicer_to_server(
+            ClassifierServicer(self.plane, lambda: self._ready), self._grpc
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
+        reflection.enable_server_reflection(
+            (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            self._grpc,
+        )
+        address = _address(server_settings.host, server_settings.grpc_port)
+        try:
+            self.grpc_port = self._grpc.add_insecure_port(address)
+        except RuntimeError as exc:
+            raise StartupError(f"cannot listen for gRPC on {address}: {exc}") from exc
+        if self.grpc_port == 0:
+            raise StartupError(f"cannot listen for gRPC on {address} (port in use?)")
+        metrics_host = server_settings.metrics_host or server_settings.host
+        try:
+            self._metrics_endpoint = MetricsEndpoint(self.metrics, metrics_host, server_settings.metrics_port)
+        except OSError as exc:
+            raise StartupError(
+                f"cannot listen for metrics on {_address(metrics_host, server_settings.metrics_port)}: {exc}"
+            ) from exc
+        await self._grpc.start()
+        log.info("gRPC listening on %s, metrics on http://%s/metrics",
+                 _address(server_settings.host, self.grpc_port), _address(metrics_host, self.metrics_port))
+
+    async def _load(self, settings: ModelSettings) -> None:
+        started = time.perf_counter()
+        cache_dir = self.config.resolved_cache_dir()
+        loaded = await asyncio.to_thread(load_model, settings, cache_dir)
+        preprocessor = ImagePreprocessor(settings.preprocessing, self.config.server.max_image_pixels)
+        model = ServedModel(settings, loaded.labels, loaded.input_shape, loaded.num_classes, preprocessor)
+        forward = eager_forward(loaded.module, settings.device)
+        await asyncio.get_running_loop().run_in_executor(
+            self._inference_pool, _warm_up, forward, loaded.input_shape, settings.batching.max_batch_size
+        )
+        self.registry.add_model(model)
+        self.registry.add_variant(model, ORIGINAL, forward)
+        seconds = time.perf_counter() - started
+        self.metrics.load_seconds.labels(model.name, ORIGINAL).set(seconds)
+        log.info("model %r variant %r warm after %.2f s (max batch %d)",
+                 model.name, ORIGINAL, seconds, model.max_batch_size)
+
+    async def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType) -> None:
+        for service in ("", *SERVICE_NAMES):
+            await self._health.set(service, status)
+
+
+def _warm_up(forward: Forward, input_shape: tuple[int, int, int], max_batch: int) -> None:
+    with torch.inference_mode():
+        for batch in sorted({1, max_batch}):
+            for _ in range(2):
+                forward(torch.from_numpy(np.zeros((batch, *input_shape), dtype=np.float32)))
+
+
+def _address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+
+
+@asynccontextmanager
+async def run_server(config: DeployConfig, grace_s: float = 5.0) -> AsyncIterator[SlimServer]:
+    """Start a server for the duration of a ``with`` block (tests bind port 0 and read ``grpc_port``)."""
+    server = SlimServer(config)
+    try:
+        await server.start()
+        yield server
+    finally:
+        await server.stop(grace_s)
+
+
+async def serve(config: DeployConfig, grace_s: float = 10.0) -> None:
+    """Run until SIGTERM or SIGINT, then drain gracefully."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    server = SlimServer(config)
+    try:
+        await server.start()
+        log.info("pid %d; send SIGTERM to stop", os.getpid())
+        await stop.wait()
+        log.info("stopping: draining in-flight requests (up to %.0f s)", grace_s)
+    finally:
+        await server.stop(grace_s)

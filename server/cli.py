@@ -1,0 +1,63 @@
+"""``slimserve``: the command line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from pathlib import Path
+
+from server import __version__
+from server.app import StartupError, serve
+from server.loading import ModelLoadError
+from server.settings import ConfigError, DeployConfig, default_config, load_config
+
+log = logging.getLogger("slimserve")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="slimserve", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"slimserve {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve_cmd = commands.add_parser("serve", help="serve the models of a deploy config over gRPC")
+    serve_cmd.add_argument("--config", type=Path, help="YAML deploy config (default: the bundled digits model)")
+    serve_cmd.add_argument("--host", help="interface to listen on (default 0.0.0.0)")
+    serve_cmd.add_argument("--grpc-port", type=int, help="gRPC port (default 8001)")
+    serve_cmd.add_argument("--metrics-port", type=int, help="Prometheus /metrics HTTP port (default 8002)")
+    serve_cmd.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    return parser
+
+
+def resolve_config(args: argparse.Namespace) -> DeployConfig:
+    """The deploy config with command-line overrides applied (flags win over the file)."""
+    config = load_config(args.config) if args.config else default_config()
+    overrides = {
+        key: value
+        for key, value in (("host", args.host), ("grpc_port", args.grpc_port), ("metrics_port", args.metrics_port))
+        if value is not None
+    }
+    if overrides:
+        server = config.server.model_validate({**config.server.model_dump(), **overrides})
+        config = config.model_copy(update={"server": server})
+    return config
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    try:
+        config = resolve_config(args)
+        asyncio.run(serve(config))
+    except (ConfigError, StartupError, ModelLoadError) as exc:
+        log.error("%s", exc)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

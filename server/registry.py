@@ -1,0 +1,129 @@
+"""The served models and their variants (the original and, once compressed, the chosen variant).
+
+Servicers resolve ``(model name, version)`` here. A model's default variant can be swapped
+atomically: requests already queued on the old variant finish there, new ones go to the new one.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+
+from server.batching import BatchRecord, DynamicBatcher, Forward
+from server.errors import NotFound
+from server.images import ImagePreprocessor
+from server.metrics import ServerMetrics
+from server.settings import ModelSettings
+from server.stats import InferenceStats
+
+log = logging.getLogger("slimserve.registry")
+
+INPUT_NAME = "input"
+OUTPUT_NAME = "logits"
+ORIGINAL = "original"
+DEFAULT_VERSIONS = ("", "1")
+"""Versions that mean "the model's default variant" (Triton clients often send "1")."""
+
+
+@dataclass
+class Variant:
+    name: str
+    batcher: DynamicBatcher
+    stats: InferenceStats = field(default_factory=InferenceStats)
+    properties: dict[str, str] = field(default_factory=dict)
+    """Figures shown in ModelConfig parameters (techniques, measured latency, accuracy)."""
+
+
+@dataclass
+class ServedModel:
+    settings: ModelSettings
+    labels: list[str]
+    input_shape: tuple[int, int, int]
+    num_classes: int
+    preprocessor: ImagePreprocessor
+    variants: dict[str, Variant] = field(default_factory=dict)
+    default_variant: str = ORIGINAL
+
+    @property
+    def name(self) -> str:
+        return self.settings.name
+
+    @property
+    def max_batch_size(self) -> int:
+        return self.settings.batching.max_batch_size
+
+    def has_version(self, version: str) -> bool:
+        return version in DEFAULT_VERSIONS or version in self.variants
+
+    def resolve(self, version: str) -> Variant:
+        """The variant a request for ``version`` goes to: the default, or one pinned by name."""
+        name = self.default_variant if version in DEFAULT_VERSIONS else version
+        try:
+            return self.variants[name]
+        except KeyError:
+            known = ", ".join(repr(v) for v in self.variants)
+            raise NotFound(
+                f"model {self.name!r} has no version {version!r}; use '' for the default or one of {known}"
+            ) from None
+
+
+class ModelRegistry:
+    def __init__(self, metrics: ServerMetrics, executor: Executor) -> None:
+        self._models: dict[str, ServedModel] = {}
+        self._metrics = metrics
+        self._executor = executor
+
+    def add_model(self, model: ServedModel) -> None:
+        self._models[model.name] = model
+
+    def get(self, name: str) -> ServedModel:
+        try:
+            return self._models[name]
+        except KeyError:
+            known = ", ".join(sorted(self._models)) or "none"
+            raise NotFound(f"unknown model {name!r}; this server serves: {known}") from None
+
+    def models(self) -> list[ServedModel]:
+        return list(self._models.values())
+
+    def add_variant(
+        self, model: ServedModel, name: str, forward: Forward, properties: dict[str, str] | None = None
+    ) -> Variant:
+        """Start a batcher for ``forward`` and make it addressable as version ``name``."""
+        batching = model.settings.batching
+        stats = InferenceStats()
+        batcher = DynamicBatcher(
+            forward,
+            self._executor,
+            max_batch_size=batching.max_batch_size,
+            max_queue_delay_s=batching.max_queue_delay_ms / 1000,
+            max_queue_size=batching.max_queue_size,
+            on_batch=self._batch_recorder(model.name, name, stats),
+        )
+        batcher.start()
+        variant = Variant(name, batcher, stats, properties or {})
+        model.variants[name] = variant
+        self._metrics.set_active(model.name, list(model.variants), model.default_variant)
+        return variant
+
+    def set_default(self, model: ServedModel, name: str) -> None:
+        """Atomically route new default-version requests to variant ``name``."""
+        model.resolve(name)
+        previous, model.default_variant = model.default_variant, name
+        self._metrics.set_active(model.name, list(model.variants), name)
+        log.info("model %r now answers with variant %r (was %r)", model.name, name, previous)
+
+    async def stop(self) -> None:
+        """Let every batcher finish its queued work."""
+        for model in self._models.values():
+            for variant in model.variants.values():
+                await variant.batcher.stop()
+
+    def _batch_recorder(self, model: str, variant: str, stats: InferenceStats) -> Callable[[BatchRecord], None]:
+        def record(batch: BatchRecord) -> None:
+            stats.record_batch(batch)
+            self._metrics.record_batch(model, variant, batch)
+
+        return record

@@ -1,0 +1,68 @@
+"""Decorators that turn request errors into gRPC statuses, so servicer methods stay straight-line."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+
+from server.dataplane import DataPlane, RequestTrack, status_for
+
+Request = TypeVar("Request")
+Response = TypeVar("Response")
+
+
+class HasPlane:
+    plane: DataPlane
+
+
+def aborts_on_error(
+    method: Callable[[Any, Request, grpc.aio.ServicerContext], Awaitable[Response]],
+) -> Callable[[Any, Request, grpc.aio.ServicerContext], Awaitable[Response]]:
+    """Errors become ``context.abort`` with their status (unexpected ones INTERNAL, logged)."""
+
+    @functools.wraps(method)
+    async def wrapper(self: Any, request: Request, context: grpc.aio.ServicerContext) -> Response:
+        try:
+            return await method(self, request, context)
+        except Exception as exc:  # noqa: BLE001 - every failure must reach the caller as a status
+            code, message = status_for(exc)
+            await context.abort(code, message)
+            raise  # unreachable: abort raises
+
+    return wrapper
+
+
+def tracked(
+    name: str,
+) -> Callable[
+    [Callable[[Any, Request, RequestTrack], Awaitable[Response]]],
+    Callable[[Any, Request, grpc.aio.ServicerContext], Awaitable[Response]],
+]:
+    """Like :func:`aborts_on_error`, and also counts the request and its latency in the metrics."""
+
+    def decorator(
+        method: Callable[[Any, Request, RequestTrack], Awaitable[Response]],
+    ) -> Callable[[Any, Request, grpc.aio.ServicerContext], Awaitable[Response]]:
+        @functools.wraps(method)
+        async def wrapper(self: HasPlane, request: Request, context: grpc.aio.ServicerContext) -> Response:
+            track = self.plane.track(name)
+            try:
+                response = await method(self, request, track)
+            except asyncio.CancelledError:
+                track.finish(grpc.StatusCode.CANCELLED)
+                raise
+            except Exception as exc:  # noqa: BLE001 - every failure must reach the caller as a status
+                code, message = status_for(exc)
+                track.finish(code)
+                await context.abort(code, message)
+                raise  # unreachable: abort raises
+            track.finish(grpc.StatusCode.OK)
+            return response
+
+        return wrapper
+
+    return decorator

@@ -1,0 +1,216 @@
+"""The deploy config: what to serve, how, and where. Validated before anything listens.
+
+A YAML file (``slimserve serve --config PATH``) maps onto :class:`DeployConfig`. Relative paths in it
+are resolved against the config file's folder. Without a file, :func:`default_config` serves the
+bundled ``digits`` model.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+
+
+class _Strict(BaseModel):
+    """Unknown keys are errors: a typo in a deploy config must not be silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BuiltinSource(_Strict):
+    format: Literal["builtin"] = "builtin"
+    name: Literal["digits"] = "digits"
+    """A model the project trains itself; ``digits`` is a small CNN trained on MNIST."""
+
+
+class TorchvisionSource(_Strict):
+    format: Literal["torchvision"]
+    architecture: str
+    """A torchvision classification model name, e.g. ``resnet18`` or ``mobilenet_v3_large``."""
+    weights: Path | None = None
+    """A state_dict file, loaded with ``torch.load(weights_only=True)``; ``None`` = random weights."""
+    num_classes: int | None = None
+    """Classes of the weights file; defaults to the number of labels."""
+    architecture_kwargs: dict[str, Any] = Field(default_factory=dict)
+    """Extra keyword arguments for the architecture constructor (e.g. ``width_per_group``)."""
+
+
+class TorchScriptSource(_Strict):
+    format: Literal["torchscript"]
+    path: Path
+    """A file written by ``torch.jit.save``."""
+
+
+class ExportSource(_Strict):
+    format: Literal["export"]
+    path: Path
+    """A ``.pt2`` file written by ``torch.export.save``."""
+
+
+ModelSource = Annotated[
+    BuiltinSource | TorchvisionSource | TorchScriptSource | ExportSource, Field(discriminator="format")
+]
+
+
+class PreprocessingSettings(_Strict):
+    """How an encoded image becomes the model's input tensor (Classify only; ModelInfer takes tensors)."""
+
+    channels: Literal[1, 3] = 3
+    """1 = grayscale, 3 = RGB."""
+    resize: int = Field(256, gt=0)
+    """The shorter side is resized to this many pixels (bilinear)."""
+    crop: int = Field(224, gt=0)
+    """Then a centred square of this size is cropped; it is the model's input height and width."""
+    mean: tuple[float, ...] = (0.485, 0.456, 0.406)
+    std: tuple[float, ...] = (0.229, 0.224, 0.225)
+
+    @model_validator(mode="after")
+    def _check(self) -> PreprocessingSettings:
+        if len(self.mean) != self.channels or len(self.std) != self.channels:
+            raise ValueError(f"mean and std need one value per channel ({self.channels})")
+        if any(s <= 0 for s in self.std):
+            raise ValueError("std values must be > 0")
+        if self.crop > self.resize:
+            raise ValueError(f"crop ({self.crop}) must not exceed resize ({self.resize})")
+        return self
+
+
+class BatchingSettings(_Strict):
+    max_batch_size: int = Field(32, ge=1, le=4096)
+    """Most rows run in one forward pass; a request with more rows is rejected."""
+    max_queue_delay_ms: float = Field(0.0, ge=0, le=1000)
+    """How long a batch may wait for more requests. 0 = run at once when the model is idle; under load,
+    requests that arrive while a batch runs are gathered into the next one anyway."""
+    max_queue_size: int = Field(1024, ge=1)
+    """Requests waiting for the model beyond this are refused with RESOURCE_EXHAUSTED."""
+
+
+class ModelSettings(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    source: ModelSource
+    labels: list[str] | None = None
+    """Class labels, index order. Either this or ``labels_file``."""
+    labels_file: Path | None = None
+    """A text file with one label per line."""
+    preprocessing: PreprocessingSettings = PreprocessingSettings()
+    batching: BatchingSettings = BatchingSettings()
+    device: str = "cpu"
+    """``cpu`` or ``cuda[:N]``."""
+    max_images_per_request: int = Field(64, ge=1)
+    """Classify requests with more images are rejected with INVALID_ARGUMENT."""
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelSettings:
+        if self.labels is not None and self.labels_file is not None:
+            raise ValueError("give either labels or labels_file, not both")
+        return self
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, value: str) -> str:
+        if value != "cpu" and not (value == "cuda" or (value.startswith("cuda:") and value[5:].isdigit())):
+            raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', not {value!r}")
+        return value
+
+
+class ServerSettings(_Strict):
+    host: str = "0.0.0.0"
+    grpc_port: int = Field(8001, ge=0, le=65535)
+    metrics_port: int = Field(8002, ge=0, le=65535)
+    """HTTP port of the Prometheus ``/metrics`` endpoint."""
+    metrics_host: str | None = None
+    """Interface for the metrics endpoint; defaults to ``host``."""
+    max_message_bytes: int = Field(DEFAULT_MAX_MESSAGE_BYTES, ge=4 * 1024 * 1024)
+    """Largest gRPC message accepted or sent (grpcio's own default of 4 MiB fits only 6 images of 224x224)."""
+    decode_threads: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)
+    """Threads that decode images for Classify."""
+    max_image_pixels: int = Field(40_000_000, ge=1)
+    """Decompression-bomb guard: images with more pixels are refused before decoding."""
+
+
+class DeployConfig(_Strict):
+    server: ServerSettings = ServerSettings()
+    models: list[ModelSettings] = Field(min_length=1)
+    cache_dir: Path | None = None
+    """Where trained and compressed artifacts are cached; default ``$SLIMSERVE_CACHE_DIR`` or
+    ``~/.cache/slimserve``."""
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> DeployConfig:
+        names = [m.name for m in self.models]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"model names must be unique; repeated: {', '.join(duplicates)}")
+        return self
+
+    def resolved_cache_dir(self) -> Path:
+        return self.cache_dir or default_cache_dir()
+
+
+class ConfigError(Exception):
+    """The deploy config is invalid; the message names the field and what to change."""
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("SLIMSERVE_CACHE_DIR") or Path.home() / ".cache" / "slimserve")
+
+
+def default_config() -> DeployConfig:
+    """Serve the bundled ``digits`` model: no config file needed."""
+    from server.digits.data import IMAGE_SIZE, LABELS, MEAN, STD
+
+    digits = ModelSettings(
+        name="digits",
+        source=BuiltinSource(),
+        labels=list(LABELS),
+        preprocessing=PreprocessingSettings(
+            channels=1, resize=IMAGE_SIZE, crop=IMAGE_SIZE, mean=MEAN, std=STD
+        ),
+    )
+    return DeployConfig(models=[digits])
+
+
+def load_config(path: Path) -> DeployConfig:
+    """Read and validate a YAML deploy config; relative paths are taken from the file's folder."""
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"cannot read deploy config {path}: {exc.strerror}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"deploy config {path} is not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"deploy config {path} must be a mapping with a 'models' list")
+    try:
+        config = DeployConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(path, exc)) from exc
+    return _resolve_paths(config, path.parent.resolve())
+
+
+def format_validation_error(path: Path, exc: ValidationError) -> str:
+    lines = [f"invalid deploy config {path}:"]
+    for error in exc.errors():
+        location = ".".join(str(part) for part in error["loc"]) or "(top level)"
+        lines.append(f"  {location}: {error['msg']}")
+    return "\n".join(lines)
+
+
+def _resolve_paths(config: DeployConfig, base: Path) -> DeployConfig:
+    def resolve(p: Path | None) -> Path | None:
+        return p if p is None or p.is_absolute() else base / p
+
+    models = []
+    for model in config.models:
+        source = model.source
+        if isinstance(source, TorchvisionSource):
+            source = source.model_copy(update={"weights": resolve(source.weights)})
+        elif isinstance(source, (TorchScriptSource, ExportSource)):
+            source = source.model_copy(update={"path": resolve(source.path)})
+        models.append(model.model_copy(update={"source": source, "labels_file": resolve(model.labels_file)}))
+    return config.model_copy(update={"models": models, "cache_dir": resolve(config.cache_dir)})

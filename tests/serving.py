@@ -1,0 +1,62 @@
+"""A real slimserve server on free loopback ports, running on its own event loop thread."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from server.app import SlimServer
+from server.settings import DeployConfig, ServerSettings
+
+
+def loopback(config: DeployConfig) -> DeployConfig:
+    """``config`` listening on 127.0.0.1 with OS-chosen ports (no port races between tests)."""
+    server = ServerSettings.model_validate(
+        {**config.server.model_dump(), "host": "127.0.0.1", "grpc_port": 0, "metrics_port": 0}
+    )
+    return config.model_copy(update={"server": server})
+
+
+class ServerThread:
+    """Runs ``SlimServer`` on an event loop in a background thread, so sync clients can call it."""
+
+    def __init__(self, config: DeployConfig) -> None:
+        self.server = SlimServer(loopback(config))
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="slimserve-test", daemon=True)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.server.grpc_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.server.metrics_port}/metrics"
+
+    def call(self, coroutine: object, timeout: float = 600) -> object:
+        """Run a coroutine on the server's loop and wait for its result."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout)  # type: ignore[arg-type]
+
+    def start(self) -> None:
+        self._thread.start()
+        self.call(self.server.start())
+
+    def stop(self) -> None:
+        try:
+            self.call(self.server.stop(grace_s=5))
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=10)
+            self._loop.close()
+
+
+@contextmanager
+def running_server(config: DeployConfig) -> Iterator[ServerThread]:
+    thread = ServerThread(config)
+    thread.start()
+    try:
+        yield thread
+    finally:
+        thread.stop()
