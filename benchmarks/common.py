@@ -1,0 +1,88 @@
+"""Shared pieces of the benchmarks: a real slimserve process on free loopback ports, and timing."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+from protos import grpc_service_pb2, grpc_service_pb2_grpc
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass(frozen=True)
+class ServerProcess:
+    address: str
+    metrics_url: str
+    process: subprocess.Popen[bytes]
+
+
+@contextmanager
+def slimserve_process(config: Path | None, *, log_path: Path | None = None,
+                      ready_timeout_s: float = 900) -> Iterator[ServerProcess]:
+    """``slimserve serve`` in its own process (its own GIL and cores), stopped with SIGTERM afterwards."""
+    grpc_port, metrics_port = free_port(), free_port()
+    command = [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1",
+               "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port)]
+    if config is not None:
+        command += ["--config", str(config)]
+    log = open(log_path or os.devnull, "wb")
+    process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
+    address = f"127.0.0.1:{grpc_port}"
+    try:
+        wait_ready(address, process, ready_timeout_s)
+        yield ServerProcess(address, f"http://127.0.0.1:{metrics_port}/metrics", process)
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
+        log.close()
+
+
+def wait_ready(address: str, process: subprocess.Popen[bytes], timeout_s: float) -> None:
+    stub = grpc_service_pb2_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(address))
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"slimserve exited with code {process.returncode} before it was ready")
+        try:
+            if stub.ServerReady(grpc_service_pb2.ServerReadyRequest(), timeout=1).ready:
+                return
+        except grpc.RpcError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"slimserve at {address} not ready after {timeout_s:.0f} s")
+
+
+def time_calls(call: Callable[[], object], *, warmup: int, iterations: int) -> np.ndarray:
+    """Seconds per call, after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        call()
+    samples = np.empty(iterations)
+    for i in range(iterations):
+        started = time.perf_counter()
+        call()
+        samples[i] = time.perf_counter() - started
+    return samples
+
+
+def table(headers: list[str], rows: list[list[str]]) -> str:
+    """A Markdown table, so output can be pasted into the README as is."""
+    widths = [max(len(str(x)) for x in column) for column in zip(headers, *rows)]
+    line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    return "\n".join([line(headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])

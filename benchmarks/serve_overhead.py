@@ -1,0 +1,97 @@
+"""How much slimserve adds on top of the model: in-process forward vs gRPC end to end, in one run.
+
+    .venv/bin/python -m benchmarks.serve_overhead                     # the bundled digits model
+    .venv/bin/python -m benchmarks.serve_overhead --config deploy/examples/resnet18.yaml --model resnet18
+
+Prints (1) the in-process forward p50 at batch 1 vs the gRPC ModelInfer p50 at concurrency 1 and their
+difference (the serving overhead), and (2) gRPC throughput at each concurrency vs the best in-process
+batched throughput of the same model. The server runs in its own process; the load generator shares
+the machine's cores with it, as any client on the same host would.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from benchmarks.common import slimserve_process, table, time_calls
+from clients.loadgen import infer_call, open_channel, run_load
+from server.loading import load_model
+from server.registry import INPUT_NAME
+from server.runners import eager_forward
+from server.settings import default_config, load_config
+
+
+def in_process(
+    config_path: Path | None, model_name: str, iterations: int
+) -> tuple[float, dict[int, float], tuple[int, int, int]]:
+    """Batch-1 forward p50 (ms), rows/s at each batch size, and the input shape, loaded as the server does."""
+    config = load_config(config_path) if config_path else default_config()
+    settings = next(m for m in config.models if m.name == model_name)
+    loaded = load_model(settings, config.resolved_cache_dir())
+    forward = eager_forward(loaded.module, settings.device)
+    max_batch = settings.batching.max_batch_size
+    throughput = {}
+    with torch.inference_mode():
+        batch1 = torch.randn(1, *loaded.input_shape)
+        p50_ms = float(np.median(time_calls(lambda: forward(batch1), warmup=10, iterations=iterations))) * 1e3
+        for size in sorted({1, 2, 4, 8, 16, 32, 64, max_batch}):
+            if size > max_batch:
+                continue
+            batch = torch.randn(size, *loaded.input_shape)
+            seconds = time_calls(lambda: forward(batch), warmup=3, iterations=max(5, iterations // size))
+            throughput[size] = size / float(np.median(seconds))
+    return p50_ms, throughput, loaded.input_shape
+
+
+async def grpc_load(address: str, model: str, shape: tuple[int, ...], concurrency: list[int],
+                    duration_s: float) -> dict[int, object]:
+    channel = open_channel(address)
+    call = infer_call(channel, model, INPUT_NAME, [1, *shape])
+    results = {}
+    for level in concurrency:
+        results[level] = await run_load(call, concurrency=level, duration_s=duration_s, warmup_s=2)
+    await channel.close()
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", type=Path, help="deploy config (default: the bundled digits model)")
+    parser.add_argument("--model", default="digits")
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds of load per concurrency")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--iterations", type=int, default=200, help="in-process timed forward passes")
+    args = parser.parse_args()
+
+    forward_p50, batched, shape = in_process(args.config, args.model, args.iterations)
+    best_size = max(batched, key=batched.get)
+    with slimserve_process(args.config) as server:
+        results = asyncio.run(grpc_load(server.address, args.model, shape, args.concurrency, args.duration))
+
+    c1 = results.get(1)
+    print(f"\nmodel {args.model!r}, input {[1, *shape]}, {torch.get_num_threads()} torch threads\n")
+    if c1 is not None:
+        print(table(
+            ["measure", "p50 ms"],
+            [["in-process forward, batch 1", f"{forward_p50:.3f}"],
+             ["gRPC ModelInfer, concurrency 1", f"{c1.p50_ms:.3f}"],
+             ["serving overhead (difference)", f"{c1.p50_ms - forward_p50:.3f}"]],
+        ))
+        print()
+    rows = [[f"in-process, batch {best_size} (best)", f"{batched[best_size]:.0f}", "", "", "1.00"]]
+    for level, result in results.items():
+        rows.append([f"gRPC, concurrency {level}", f"{result.throughput:.0f}", f"{result.p50_ms:.2f}",
+                     f"{result.p99_ms:.2f}", f"{result.throughput / batched[best_size]:.2f}"])
+    print(table(["load", "images/s", "p50 ms", "p99 ms", "ratio to best in-process"], rows))
+    errors = sum(r.error_count for r in results.values())
+    if errors:
+        print(f"\n{errors} requests failed: {[r.errors for r in results.values()]}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,139 @@
+"""`slimserve-client`: classify images or benchmark a running slimserve server.
+
+    slimserve-client classify seven.png two.jpg --top-k 3
+    slimserve-client bench --mode infer --batch 8 --concurrency 4 --duration 10
+    slimserve-client bench --mode classify --image seven.png
+
+Exit status: 0 on success; 1 when a call fails (printed as
+`error: <STATUS>: <details>`) or a benchmark gets no successful reply;
+2 on bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import grpc
+
+from clients.client import DEFAULT_ADDRESS, SlimserveClient, auth_metadata
+from clients.loadgen import LoadResult, classify_call, infer_call, open_channel, run_load
+from protos import classifier_pb2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--address", default=DEFAULT_ADDRESS, help="server host:port")
+    common.add_argument("--token", default=None, help="bearer token sent as `authorization` metadata")
+    common.add_argument("--model", default="digits", help="model name")
+
+    parser = argparse.ArgumentParser(
+        prog="slimserve-client",
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    sub = {"parents": [common], "formatter_class": argparse.ArgumentDefaultsHelpFormatter}
+    classify = commands.add_parser("classify", help="classify image files", **sub)
+    classify.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="JPEG or PNG files")
+    classify.add_argument("--top-k", type=int, default=3, help="classes per image")
+    classify.add_argument(
+        "--variant", default="", help='model variant, e.g. "original"; "" = the active one'
+    )
+
+    bench = commands.add_parser("bench", help="closed-loop load test", **sub)
+    bench.add_argument("--mode", choices=["infer", "classify"], default="infer", help="RPC to drive")
+    bench.add_argument("--concurrency", type=_at_least(int, 1), default=4, help="requests in flight")
+    bench.add_argument("--duration", type=_at_least(float, 0.001), default=10.0, help="seconds measured")
+    bench.add_argument("--warmup", type=_at_least(float, 0.0), default=2.0, help="seconds not measured")
+    bench.add_argument("--batch", type=_at_least(int, 1), default=1, help="images per request")
+    bench.add_argument("--image", type=Path, help="image file sent in classify mode (required there)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "bench" and args.mode == "classify" and args.image is None:
+        parser.error("bench --mode classify needs --image")
+    try:
+        if args.command == "classify":
+            return _classify(args)
+        return _bench(args)
+    except grpc.RpcError as exc:
+        print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+    except (OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+    return 1
+
+
+def format_classification(path: object, result: classifier_pb2.ImageClassification) -> str:
+    """`path: label (score) label (score) ...`, scores with three decimals."""
+    return f"{path}: " + " ".join(f"{c.label} ({c.score:.3f})" for c in result.classes)
+
+
+def batched_shape(metadata_shape: Sequence[int], batch: int) -> list[int]:
+    """The concrete input shape for `batch` items, from a metadata shape whose first dimension is -1."""
+    shape = list(metadata_shape)
+    if not shape or shape[0] != -1:
+        raise ValueError(f"input shape {shape} has no batch dimension")
+    if any(d < 0 for d in shape[1:]):
+        raise ValueError(f"input shape {shape} has variable dimensions besides the batch")
+    return [batch, *shape[1:]]
+
+
+def _classify(args: argparse.Namespace) -> int:
+    images = [path.read_bytes() for path in args.images]
+    with SlimserveClient(args.address, token=args.token) as client:
+        response = client.classify(images, model=args.model, top_k=args.top_k, variant=args.variant)
+    for path, result in zip(args.images, response.results, strict=True):
+        print(format_classification(path, result))
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    input_name, shape = "", []
+    if args.mode == "infer":
+        with SlimserveClient(args.address, token=args.token) as client:
+            metadata = client.model_metadata(args.model)
+        if len(metadata.inputs) != 1:
+            raise ValueError(f"model {args.model!r} has {len(metadata.inputs)} inputs; bench sends one")
+        input_name, shape = metadata.inputs[0].name, batched_shape(metadata.inputs[0].shape, args.batch)
+    image = args.image.read_bytes() if args.mode == "classify" else b""
+
+    metadata = auth_metadata(args.token)
+
+    async def load() -> LoadResult:
+        async with open_channel(args.address) as channel:
+            if args.mode == "infer":
+                call = infer_call(channel, args.model, input_name, shape, metadata=metadata)
+            else:
+                call = classify_call(channel, [image] * args.batch, model=args.model, metadata=metadata)
+            return await run_load(
+                call, concurrency=args.concurrency, duration_s=args.duration, warmup_s=args.warmup
+            )
+
+    result = asyncio.run(load())
+    print(f"{args.mode} {args.model} batch {args.batch}: {result.format()}")
+    return 0 if result.count else 1
+
+
+def _at_least(convert: type, low: float):
+    """An argparse type: `convert(text)`, rejected below `low`."""
+
+    def parse(text: str):
+        value = convert(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    parse.__name__ = convert.__name__  # argparse names the type in its error messages
+    return parse
+
+
+if __name__ == "__main__":
+    sys.exit(main())
