@@ -20,9 +20,9 @@ import numpy as np
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 
-from protos import classifier_pb2, classifier_pb2_grpc, grpc_service_pb2, grpc_service_pb2_grpc
+from protos import DESCRIPTOR_POOL, classifier_pb2, classifier_pb2_grpc, grpc_service_pb2, grpc_service_pb2_grpc
 from server.classify_servicer import ClassifierServicer
 from server.batching import Forward
 from server.dataplane import DataPlane
@@ -31,7 +31,8 @@ from server.kserve_servicer import KServeServicer
 from server.loading import load_model
 from server.metrics import MetricsEndpoint, ServerMetrics
 from server.registry import ORIGINAL, ModelRegistry, ServedModel
-from server.runners import eager_forward
+from server.runners import original_predictor
+from server.variants import CompressedVariants
 from server.settings import DeployConfig, ModelSettings
 
 log = logging.getLogger("slimserve.app")
@@ -58,6 +59,7 @@ class SlimServer:
         )
         self.registry = ModelRegistry(self.metrics, self._inference_pool)
         self.plane = DataPlane(self.registry, self.metrics, self._decode_pool)
+        self.compressed = CompressedVariants(config, self.registry, self._inference_pool, _warm_up)
         self._health = health_aio.HealthServicer()
         self._ready = False
         self._grpc: grpc.aio.Server | None = None
@@ -85,6 +87,7 @@ class SlimServer:
         """Refuse new requests, let in-flight ones finish within ``grace_s``, then release everything."""
         self._ready = False
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.compressed.stop()
         if self._grpc is not None:
             await self._grpc.stop(grace_s)
         await self.registry.stop()
@@ -112,10 +115,7 @@ class SlimServer:
             ClassifierServicer(self.plane, lambda: self._ready), self._grpc
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
-        reflection.enable_server_reflection(
-            (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-            self._grpc,
-        )
+        _enable_reflection(self._grpc)
         address = _address(server_settings.host, server_settings.grpc_port)
         try:
             self.grpc_port = self._grpc.add_insecure_port(address)
@@ -140,7 +140,7 @@ class SlimServer:
         loaded = await asyncio.to_thread(load_model, settings, cache_dir)
         preprocessor = ImagePreprocessor(settings.preprocessing, self.config.server.max_image_pixels)
         model = ServedModel(settings, loaded.labels, loaded.input_shape, loaded.num_classes, preprocessor)
-        forward = eager_forward(loaded.module, settings.device)
+        forward = original_predictor(loaded, settings)
         await asyncio.get_running_loop().run_in_executor(
             self._inference_pool, _warm_up, forward, loaded.input_shape, settings.batching.max_batch_size
         )
@@ -150,6 +150,7 @@ class SlimServer:
         self.metrics.load_seconds.labels(model.name, ORIGINAL).set(seconds)
         log.info("model %r variant %r warm after %.2f s (max batch %d)",
                  model.name, ORIGINAL, seconds, model.max_batch_size)
+        await self.compressed.attach(model, loaded)
 
     async def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType) -> None:
         for service in ("", *SERVICE_NAMES):
@@ -161,6 +162,17 @@ def _warm_up(forward: Forward, input_shape: tuple[int, int, int], max_batch: int
         for batch in sorted({1, max_batch}):
             for _ in range(2):
                 forward(torch.from_numpy(np.zeros((batch, *input_shape), dtype=np.float32)))
+
+
+def _enable_reflection(server: grpc.aio.Server) -> None:
+    """Server reflection (``grpcurl list``) over slimserve's descriptor pool, plus health and reflection."""
+    for file in (health_pb2.DESCRIPTOR, reflection_pb2.DESCRIPTOR):
+        try:
+            DESCRIPTOR_POOL.FindFileByName(file.name)
+        except KeyError:
+            DESCRIPTOR_POOL.AddSerializedFile(file.serialized_pb)
+    names = (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
+    reflection.enable_server_reflection(names, server, pool=DESCRIPTOR_POOL)
 
 
 def _address(host: str, port: int) -> str:

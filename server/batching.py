@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import warnings
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Executor
@@ -25,6 +26,10 @@ from server.errors import InvalidArgument, ResourceExhausted, Unavailable
 log = logging.getLogger("slimserve.batching")
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
+
+# NOTE: request tensors are read-only views of the gRPC message (zero-copy); models do not write to
+# their inputs, so torch's one-time warning about non-writable arrays is noise here.
+warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from server.loading import ModelLoadError
 from server.settings import ConfigError, DeployConfig, default_config, load_config
 
 log = logging.getLogger("slimserve")
+LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,7 +26,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve_cmd.add_argument("--host", help="interface to listen on (default 0.0.0.0)")
     serve_cmd.add_argument("--grpc-port", type=int, help="gRPC port (default 8001)")
     serve_cmd.add_argument("--metrics-port", type=int, help="Prometheus /metrics HTTP port (default 8002)")
-    serve_cmd.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    serve_cmd.add_argument("--log-level", default="INFO", choices=LOG_LEVELS)
+    compress_cmd = commands.add_parser(
+        "compress", help="run the budgeted compression search (cached) and write its reports"
+    )
+    compress_cmd.add_argument("--config", type=Path, help="YAML deploy config (default: the bundled digits model)")
+    compress_cmd.add_argument("--model", help="only this model (default: every model with compression enabled)")
+    compress_cmd.add_argument("--out", type=Path, help="also copy each model's reports and chosen artifact here")
+    compress_cmd.add_argument("--log-level", default="INFO", choices=LOG_LEVELS)
     return parser
 
 
@@ -34,8 +42,8 @@ def resolve_config(args: argparse.Namespace) -> DeployConfig:
     config = load_config(args.config) if args.config else default_config()
     overrides = {
         key: value
-        for key, value in (("host", args.host), ("grpc_port", args.grpc_port), ("metrics_port", args.metrics_port))
-        if value is not None
+        for key in ("host", "grpc_port", "metrics_port")
+        if (value := getattr(args, key, None)) is not None
     }
     if overrides:
         server = config.server.model_validate({**config.server.model_dump(), **overrides})
@@ -50,6 +58,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         config = resolve_config(args)
+        if args.command == "compress":
+            from server.compress_command import run_compress
+
+            return run_compress(config, args.model, args.out)
         asyncio.run(serve(config))
     except (ConfigError, StartupError, ModelLoadError) as exc:
         log.error("%s", exc)

@@ -23,6 +23,8 @@ log = logging.getLogger("slimserve.registry")
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
 ORIGINAL = "original"
+COMPRESSED_ALIAS = "compressed"
+"""Always names the chosen compressed variant, whatever its chain is called."""
 DEFAULT_VERSIONS = ("", "1")
 """Versions that mean "the model's default variant" (Triton clients often send "1")."""
 
@@ -45,6 +47,7 @@ class ServedModel:
     preprocessor: ImagePreprocessor
     variants: dict[str, Variant] = field(default_factory=dict)
     default_variant: str = ORIGINAL
+    aliases: dict[str, str] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -55,11 +58,11 @@ class ServedModel:
         return self.settings.batching.max_batch_size
 
     def has_version(self, version: str) -> bool:
-        return version in DEFAULT_VERSIONS or version in self.variants
+        return version in DEFAULT_VERSIONS or version in self.variants or version in self.aliases
 
     def resolve(self, version: str) -> Variant:
         """The variant a request for ``version`` goes to: the default, or one pinned by name."""
-        name = self.default_variant if version in DEFAULT_VERSIONS else version
+        name = self.default_variant if version in DEFAULT_VERSIONS else self.aliases.get(version, version)
         try:
             return self.variants[name]
         except KeyError:

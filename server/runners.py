@@ -1,27 +1,17 @@
-"""Callables that run one batch through a model on its device (the batcher's ``forward``)."""
+"""The predictor that serves a model's original variant: the same one the compression search times."""
 
 from __future__ import annotations
 
-import warnings
-
 import torch
-from torch import nn
 
-from server.batching import Forward
-
-# NOTE: request tensors are read-only views of the gRPC message (zero-copy); models do not write to
-# their inputs, so torch's one-time warning about non-writable arrays is noise here.
-warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+from compression.predictor import Predictor
+from compression.runtime_eager import EagerPredictor
+from server.loading import LoadedModel
+from server.settings import ModelSettings
 
 
-def eager_forward(module: nn.Module, device: str) -> Forward:
-    """Run ``module`` in eval mode on ``device``; inputs arrive on the CPU, logits return there."""
-    target = torch.device(device)
-    module = module.eval().to(target)
-    if target.type == "cpu":
-        return module
-
-    def forward(batch: torch.Tensor) -> torch.Tensor:
-        return module(batch.pin_memory().to(target, non_blocking=True)).float().cpu()
-
-    return forward
+def original_predictor(loaded: LoadedModel, settings: ModelSettings) -> Predictor:
+    """Run the loaded module eagerly on the model's device; CPU float32 batches in, logits out."""
+    device = torch.device(settings.device)
+    return EagerPredictor(loaded.module.eval().to(device), precision="fp32", device=device,
+                          input_shape=loaded.input_shape, max_batch_size=settings.batching.max_batch_size)

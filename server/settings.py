@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
+from compression.settings import CompressionSettings
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
@@ -104,6 +105,8 @@ class ModelSettings(_Strict):
     """``cpu`` or ``cuda[:N]``."""
     max_images_per_request: int = Field(64, ge=1)
     """Classify requests with more images are rejected with INVALID_ARGUMENT."""
+    compression: CompressionSettings | None = None
+    """Deploy-time compression under a budget; None = serve the original only."""
 
     @model_validator(mode="after")
     def _check(self) -> ModelSettings:
@@ -162,7 +165,7 @@ def default_cache_dir() -> Path:
 
 
 def default_config() -> DeployConfig:
-    """Serve the bundled ``digits`` model: no config file needed."""
+    """Serve the bundled ``digits`` model, compressed with the default budget: no config file needed."""
     from server.digits.data import IMAGE_SIZE, LABELS, MEAN, STD
 
     digits = ModelSettings(
@@ -172,6 +175,7 @@ def default_config() -> DeployConfig:
         preprocessing=PreprocessingSettings(
             channels=1, resize=IMAGE_SIZE, crop=IMAGE_SIZE, mean=MEAN, std=STD
         ),
+        compression=CompressionSettings(),
     )
     return DeployConfig(models=[digits])
 
@@ -212,5 +216,11 @@ def _resolve_paths(config: DeployConfig, base: Path) -> DeployConfig:
             source = source.model_copy(update={"weights": resolve(source.weights)})
         elif isinstance(source, (TorchScriptSource, ExportSource)):
             source = source.model_copy(update={"path": resolve(source.path)})
-        models.append(model.model_copy(update={"source": source, "labels_file": resolve(model.labels_file)}))
+        compression = model.compression
+        if compression is not None and compression.data.path is not None:
+            data = compression.data.model_copy(update={"path": resolve(compression.data.path)})
+            compression = compression.model_copy(update={"data": data})
+        models.append(model.model_copy(update={
+            "source": source, "labels_file": resolve(model.labels_file), "compression": compression,
+        }))
     return config.model_copy(update={"models": models, "cache_dir": resolve(config.cache_dir)})

@@ -4,12 +4,19 @@ from collections.abc import Iterator
 
 import pytest
 
-from server.settings import default_config
+from server.settings import DeployConfig, default_config
 from tests.serving import ServerThread, running_server
+
+
+def digits_without_compression() -> DeployConfig:
+    """The bundled digits model as ``make serve`` serves it, minus the background compression search."""
+    config = default_config()
+    models = [m.model_copy(update={"compression": None}) for m in config.models]
+    return config.model_copy(update={"models": models})
 
 
 @pytest.fixture(scope="session")
 def digits_server() -> Iterator[ServerThread]:
-    """The bundled digits model served as ``make serve`` would, on free loopback ports."""
-    with running_server(default_config()) as server:
+    """The bundled digits model on free loopback ports."""
+    with running_server(digits_without_compression()) as server:
         yield server

@@ -1,0 +1,105 @@
+"""Content-addressed cache of search results: same inputs -> same key -> no recompression.
+
+The key hashes everything that changes the outcome: the model's weights file, its deploy settings,
+the compression settings, the device and CPU instruction set (compiled kernels are built for it), and
+library versions. A search writes into a private temporary folder and publishes it with one atomic
+rename, so a process killed mid-search leaves nothing a restart would load. A file lock makes two
+replicas starting together compress once: the second waits, then loads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from filelock import FileLock
+
+from compression.runtime_manifest import current_cpu_isa
+
+REPORT_NAME = "report.json"
+KEY_LENGTH = 16
+_VERSIONED = ("torch", "torchvision", "torchao", "torch-pruning", "onnxruntime", "onnx", "slimserve")
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def library_versions() -> dict[str, str]:
+    versions = {}
+    for name in _VERSIONED:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "absent"
+    return versions
+
+
+def cache_key(*, model_file: Path | None, model_settings: dict[str, Any], compression_settings: dict[str, Any],
+              device: str) -> tuple[str, dict[str, Any]]:
+    """The key and the inputs it was computed from (stored in the report for auditing)."""
+    inputs = {
+        "model_file_sha256": file_sha256(model_file) if model_file is not None else None,
+        "model": model_settings,
+        "compression": compression_settings,
+        "device": device,
+        "cpu_isa": current_cpu_isa(),
+        "versions": library_versions(),
+    }
+    blob = json.dumps(inputs, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:KEY_LENGTH], inputs
+
+
+class ArtifactCache:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def entry(self, model_name: str, key: str) -> Path:
+        return self.root / "compressed" / model_name / key
+
+    def is_complete(self, model_name: str, key: str) -> bool:
+        """Published entries always hold a report: it is written before the atomic rename."""
+        return (self.entry(model_name, key) / REPORT_NAME).is_file()
+
+    @contextmanager
+    def lock(self, model_name: str, key: str) -> Iterator[None]:
+        """Held while one process searches for ``key``; others block here, then find it complete."""
+        entry = self.entry(model_name, key)
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(entry) + ".lock"):
+            yield
+
+    @contextmanager
+    def staging(self, model_name: str, key: str) -> Iterator[Path]:
+        """A private folder to build in; published atomically if the block completes, else removed."""
+        entry = self.entry(model_name, key)
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{key}.partial-", dir=entry.parent))
+        try:
+            yield staging
+            _fsync_tree(staging)
+            if entry.exists():  # an unreadable or stale entry being replaced
+                shutil.rmtree(entry)
+            os.replace(staging, entry)
+        finally:
+            if staging.exists():
+                shutil.rmtree(staging, ignore_errors=True)
+
+
+def _fsync_tree(root: Path) -> None:
+    for path in root.rglob("*"):
+        if path.is_file():
+            with path.open("rb") as handle:
+                os.fsync(handle.fileno())

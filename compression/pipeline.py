@@ -1,0 +1,71 @@
+"""Deploy-time compression of one served model, cached: config -> key -> (cached | search) -> entry."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from compression.cache import REPORT_NAME, ArtifactCache, cache_key
+from compression.data import load_eval_data
+from compression.report import write_reports
+from compression.search import SearchReport, run_search
+from compression.settings import CompressionSettings
+from server.loading import LoadedModel
+from server.settings import ModelSettings
+
+log = logging.getLogger("slimserve.compression")
+
+
+@dataclass(frozen=True)
+class CompressedEntry:
+    folder: Path
+    report: SearchReport
+
+    @property
+    def chosen_artifact(self) -> Path | None:
+        """The chosen variant's artifact folder, or None when the original was chosen."""
+        variant = self.report.variant(self.report.chosen)
+        return self.folder / variant.artifact if variant.artifact else None
+
+
+def compression_key(settings: ModelSettings, loaded: LoadedModel) -> tuple[str, dict]:
+    compression = settings.compression
+    assert compression is not None
+    model_part = settings.model_dump(mode="json", exclude={"compression", "batching", "name"})
+    return cache_key(model_file=loaded.source_file, model_settings=model_part,
+                     compression_settings=compression.model_dump(mode="json"), device=compression.target.device)
+
+
+def cached_entry(settings: ModelSettings, loaded: LoadedModel, cache_root: Path) -> CompressedEntry | None:
+    """The published search result for these exact inputs, if there is one."""
+    key, _ = compression_key(settings, loaded)
+    cache = ArtifactCache(cache_root)
+    if not cache.is_complete(settings.name, key):
+        return None
+    folder = cache.entry(settings.name, key)
+    return CompressedEntry(folder, SearchReport.from_json((folder / REPORT_NAME).read_text()))
+
+
+def compress(settings: ModelSettings, loaded: LoadedModel, cache_root: Path, *,
+             max_image_pixels: int = 40_000_000,
+             progress: Callable[[str], None] = log.info) -> CompressedEntry:
+    """Search unless a published result for the same inputs exists; one process searches per key."""
+    compression: CompressionSettings | None = settings.compression
+    if compression is None or not compression.enabled:
+        raise ValueError(f"model {settings.name!r} has no enabled compression block")
+    key, key_inputs = compression_key(settings, loaded)
+    cache = ArtifactCache(cache_root)
+    with cache.lock(settings.name, key):
+        if cache.is_complete(settings.name, key):
+            progress(f"model {settings.name!r}: cached compression result {key} found; no search needed")
+            return cached_entry(settings, loaded, cache_root)  # type: ignore[return-value]
+        progress(f"model {settings.name!r}: searching (cache key {key})")
+        data = load_eval_data(compression.data, settings.preprocessing, loaded.input_shape, max_image_pixels)
+        with cache.staging(settings.name, key) as staging:
+            report = run_search(loaded.module, compression, data, staging, model_name=settings.name,
+                                max_batch_size=settings.batching.max_batch_size, progress=progress)
+            report.cache_key, report.key_inputs = key, key_inputs
+            write_reports(report, staging)
+    return CompressedEntry(cache.entry(settings.name, key), report)

@@ -1,0 +1,53 @@
+"""``slimserve compress``: run (or reuse) each model's search and print what it chose."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+from compression.pipeline import compress
+from compression.report import HEADERS, PARETO_PNG, REPORT_JSON, REPORT_MD, summary_rows
+from compression.selection import BudgetUnmet
+from server.loading import load_model
+from server.settings import DeployConfig
+
+log = logging.getLogger("slimserve.compress")
+
+EXIT_FAILED, EXIT_BUDGET_UNMET = 1, 3
+
+
+def run_compress(config: DeployConfig, only: str | None, out: Path | None) -> int:
+    models = [m for m in config.models if m.compression is not None and m.compression.enabled]
+    if only is not None:
+        models = [m for m in models if m.name == only]
+        if not models:
+            log.error("model %r is not in the config or has no enabled compression block", only)
+            return EXIT_FAILED
+    if not models:
+        log.error("no model in the config has an enabled compression block")
+        return EXIT_FAILED
+    status = 0
+    for settings in models:
+        loaded = load_model(settings, config.resolved_cache_dir())
+        try:
+            entry = compress(settings, loaded, config.resolved_cache_dir(),
+                             max_image_pixels=config.server.max_image_pixels)
+        except BudgetUnmet as exc:
+            log.error("model %r: %s", settings.name, exc)
+            status = EXIT_BUDGET_UNMET
+            continue
+        print(f"\n{settings.name}: chose {entry.report.chosen} ({entry.report.reason})")
+        print(" | ".join(HEADERS))
+        for row in summary_rows(entry.report):
+            print(" | ".join(row))
+        print(f"reports: {entry.folder / REPORT_MD}")
+        if out is not None:
+            target = out / settings.name
+            target.mkdir(parents=True, exist_ok=True)
+            for name in (REPORT_JSON, REPORT_MD, PARETO_PNG):
+                shutil.copyfile(entry.folder / name, target / name)
+            if entry.chosen_artifact is not None:
+                shutil.copytree(entry.chosen_artifact, target / "artifact", dirs_exist_ok=True)
+            print(f"copied to {target}")
+    return status
