@@ -22,7 +22,7 @@ from benchmarks.common import slimserve_process, table, time_calls
 from clients.loadgen import infer_call, open_channel, run_load
 from server.loading import load_model
 from server.registry import INPUT_NAME
-from server.runners import eager_forward
+from server.runners import original_predictor
 from server.settings import default_config, load_config
 
 
@@ -33,7 +33,7 @@ def in_process(
     config = load_config(config_path) if config_path else default_config()
     settings = next(m for m in config.models if m.name == model_name)
     loaded = load_model(settings, config.resolved_cache_dir())
-    forward = eager_forward(loaded.module, settings.device)
+    forward = original_predictor(loaded, settings)
     max_batch = settings.batching.max_batch_size
     throughput = {}
     with torch.inference_mode():

@@ -27,10 +27,10 @@ def _fidelity(v: VariantReport) -> str:
 
 
 def summary_rows(report: SearchReport) -> list[list[str]]:
-    base = report.original.latency_p95_ms
+    base = report.original.latency_p50_ms
     rows = []
     for v in [report.original, *report.candidates]:
-        speedup = f"{base / v.latency_p95_ms:.2f}x" if base and v.latency_p95_ms else "-"
+        speedup = f"{base / v.latency_p50_ms:.2f}x" if base and v.latency_p50_ms else "-"
         status = "FAILED: " + (v.error or "")[:80] if v.error else ("chosen" if v.name == report.chosen else
                                                                   ("within budget" if v.meets_budget else "outside budget"))
         rows.append([v.name, " -> ".join(v.techniques), _fmt(v.latency_p50_ms, ".2f"), _fmt(v.latency_p95_ms, ".2f"),
@@ -42,7 +42,7 @@ def summary_rows(report: SearchReport) -> list[list[str]]:
     return rows
 
 
-HEADERS = ["variant", "chain", "p50 ms", "p95 ms", "speed-up p95", "top-1 (drop)", "size MB", "zlib MB",
+HEADERS = ["variant", "chain", "p50 ms", "p95 ms", "speed-up (p50)", "top-1 (drop)", "size MB", "zlib MB",
            "params M", "MMACs", "status"]
 
 

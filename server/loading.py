@@ -6,6 +6,7 @@ arbitrary pickled objects.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import time
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from server.settings import (
     BuiltinSource,
     ExportSource,
     ModelSettings,
+    PythonSource,
     TorchScriptSource,
     TorchvisionSource,
 )
@@ -70,6 +72,8 @@ def _load_module(settings: ModelSettings, cache_dir: Path) -> tuple[nn.Module, P
         return model, weights
     if isinstance(source, TorchvisionSource):
         return _load_torchvision(settings, source), source.weights
+    if isinstance(source, PythonSource):
+        return _load_python(settings, source), source.weights
     if isinstance(source, TorchScriptSource):
         _require_file(source.path, "source.path")
         try:
@@ -109,6 +113,24 @@ def _load_torchvision(settings: ModelSettings, source: TorchvisionSource) -> nn.
             f"model {settings.name!r}: {source.weights} does not fit {source.architecture} "
             f"with {num_classes} classes (set source.num_classes to the weights' class count): {exc}"
         ) from exc
+    return model
+
+
+def _load_python(settings: ModelSettings, source: PythonSource) -> nn.Module:
+    module_name, _, attribute = source.factory.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError) as exc:
+        raise ModelLoadError(f"model {settings.name!r}: cannot import source.factory {source.factory!r}: {exc}") from exc
+    model = factory(**source.kwargs)
+    if not isinstance(model, nn.Module):
+        raise ModelLoadError(f"model {settings.name!r}: {source.factory} returned {type(model).__name__}, not a Module")
+    if source.weights is not None:
+        _require_file(source.weights, "source.weights")
+        try:
+            model.load_state_dict(_read_state_dict(source.weights))
+        except RuntimeError as exc:
+            raise ModelLoadError(f"model {settings.name!r}: {source.weights} does not fit {source.factory}: {exc}") from exc
     return model
 
 

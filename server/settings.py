@@ -54,8 +54,19 @@ class ExportSource(_Strict):
     """A ``.pt2`` file written by ``torch.export.save``."""
 
 
+class PythonSource(_Strict):
+    format: Literal["python"]
+    factory: str = Field(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+    """``package.module:callable`` returning an ``nn.Module`` (your own architecture, importable by the
+    server); its weights come from ``weights``. The module is imported, nothing is unpickled."""
+    weights: Path | None = None
+    """A state_dict file, loaded with ``torch.load(weights_only=True)``."""
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
 ModelSource = Annotated[
-    BuiltinSource | TorchvisionSource | TorchScriptSource | ExportSource, Field(discriminator="format")
+    BuiltinSource | TorchvisionSource | TorchScriptSource | ExportSource | PythonSource,
+    Field(discriminator="format"),
 ]
 
 
@@ -212,7 +223,7 @@ def _resolve_paths(config: DeployConfig, base: Path) -> DeployConfig:
     models = []
     for model in config.models:
         source = model.source
-        if isinstance(source, TorchvisionSource):
+        if isinstance(source, (TorchvisionSource, PythonSource)):
             source = source.model_copy(update={"weights": resolve(source.weights)})
         elif isinstance(source, (TorchScriptSource, ExportSource)):
             source = source.model_copy(update={"path": resolve(source.path)})

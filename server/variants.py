@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import sys
 import tempfile
 from concurrent.futures import Executor
@@ -24,6 +25,8 @@ from server.registry import COMPRESSED_ALIAS, ModelRegistry, ServedModel
 from server.settings import DeployConfig
 
 log = logging.getLogger("slimserve.variants")
+
+SEARCH_NICENESS = 10
 
 
 def variant_properties(report: VariantReport, entry: CompressedEntry) -> dict[str, str]:
@@ -70,6 +73,11 @@ class CompressedVariants:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    @property
+    def searching(self) -> bool:
+        """True while a background search (or the load of its result) is still running."""
+        return bool(self._tasks)
+
     async def wait(self) -> None:
         """Wait for background searches (tests and ``--wait-for-compression`` use this)."""
         while self._tasks:
@@ -106,6 +114,8 @@ class CompressedVariants:
             child = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "server.cli", "compress", "--config", str(config_path), "--model", model_name,
                 "--log-level", logging.getLevelName(logging.getLogger().getEffectiveLevel()),
+                # NOTE: the search competes with serving for the same cores; serving keeps priority.
+                preexec_fn=lambda: os.nice(SEARCH_NICENESS),
             )
             self._children.add(child)
             try:

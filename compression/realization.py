@@ -1,0 +1,235 @@
+"""Realization: turn a final model into artifact files and a Predictor loaded from them.
+
+``build_predictor`` writes the artifact (plus ``manifest.json``) and returns the predictor loaded
+from disk, exactly as ``load_predictor`` does after a restart: what is measured is what is served.
+Runtime modules: ``runtime_eager`` (torch.export programs), ``runtime_inductor`` (AOTInductor
+packages, PT2E int8), ``runtime_onnx`` (ONNX Runtime, QDQ int8).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from compression.context import CompressionContext
+from compression.predictor import PRECISIONS, RUNTIMES, Predictor
+from compression.runtime_common import calibration_chunks, export_example, float_model, sqnr_db
+from compression.runtime_eager import EagerPredictor
+from compression.runtime_fallback import Int8Builder, ScoreFn, choose_float_layers
+from compression.runtime_manifest import (
+    MANIFEST_NAME, ArtifactError, Manifest, current_cpu_isa, current_versions, read_manifest,
+)
+
+
+__all__ = ["ArtifactError", "RealizationConfig", "SUPPORTED", "build_predictor", "load_predictor"]
+
+SUPPORTED: dict[str, tuple[str, ...]] = {
+    "eager": ("fp32", "fp16", "bf16"),
+    "inductor": ("fp32", "int8", "fp16", "bf16"),
+    "onnxruntime": ("fp32", "int8", "fp16"),
+}
+"""Precisions each runtime can realize."""
+
+_UNSUPPORTED_WHY = {
+    ("eager", "int8"): "eager int8 only simulates quantization in float (slower than fp32); "
+    "use runtime 'inductor' (PT2E) or 'onnxruntime' (QDQ)",
+    ("onnxruntime", "bf16"): "ONNX Runtime's CPU provider has no bf16 kernels; use fp16, or bf16 on "
+    "'eager' or 'inductor'",
+}
+
+
+# NOTE: compiled int8 matches its reference graph to 29 dB (resnet18) to 48 dB (small nets) when correct,
+# requantization rounding differing; the kernel bugs met so far gave -3 to 18 dB.
+_MIN_COMPILED_SQNR_DB = 20.0
+
+
+@dataclass(frozen=True)
+class RealizationConfig:
+    """How a model is made executable: runtime, precision and their options."""
+
+    name: ClassVar[str] = "realization"
+
+    runtime: str = "eager"
+    """One of "eager", "inductor", "onnxruntime"."""
+    precision: str = "fp32"
+    """One of "fp32", "int8", "fp16", "bf16" (see SUPPORTED for what each runtime offers)."""
+    channels_last: bool = False
+    """eager only: weights and inputs in NHWC (inductor picks layouts itself when freezing)."""
+    calibration_batches: int = 8
+    """int8: calibrate on the first calibration_batches * calibration_batch_size calibration inputs."""
+    calibration_batch_size: int = 32
+    max_fallback_layers: int = 4
+    """int8 with a score function: at most this many layers left in float to meet the score budget."""
+
+    def __post_init__(self) -> None:
+        if self.runtime not in RUNTIMES:
+            raise ValueError(f"unknown runtime {self.runtime!r} (known: {', '.join(RUNTIMES)})")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {self.precision!r} (known: {', '.join(PRECISIONS)})")
+        if self.precision not in SUPPORTED[self.runtime]:
+            why = _UNSUPPORTED_WHY.get((self.runtime, self.precision), "not implemented")
+            raise ValueError(f"runtime {self.runtime!r} does not support {self.precision}: {why}")
+        if not isinstance(self.channels_last, bool):
+            raise ValueError(f"channels_last must be a bool, got {self.channels_last!r}")
+        if self.channels_last and self.runtime != "eager":
+            raise ValueError(
+                f"channels_last applies to the eager runtime only; {self.runtime} chooses its own layout"
+            )
+        for field_name in ("calibration_batches", "calibration_batch_size"):
+            value = getattr(self, field_name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{field_name} must be a positive int, got {value!r}")
+        limit = self.max_fallback_layers
+        if not isinstance(limit, int) or isinstance(limit, bool) or limit < 0:
+            raise ValueError(f"max_fallback_layers must be an int >= 0, got {limit!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RealizationConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown realization field(s): {', '.join(unknown)}")
+        return cls(**data)
+
+
+def _runtime_module(runtime: str) -> ModuleType:
+    # NOTE: imported on demand; onnx/onnxruntime and torchao are slow to import and only one is used.
+    if runtime == "eager":
+        from compression import runtime_eager as module
+    elif runtime == "inductor":
+        from compression import runtime_inductor as module
+    else:
+        from compression import runtime_onnx as module
+    return module
+
+
+def build_predictor(
+    model: nn.Module,
+    config: RealizationConfig,
+    ctx: CompressionContext,
+    artifact_dir: Path,
+    *,
+    max_batch_size: int,
+    score_fn: ScoreFn | None = None,
+    max_score_drop: float | None = None,
+    cache_dir: Path | None = None,
+) -> Predictor:
+    """Write ``model`` realized per ``config`` into ``artifact_dir`` and return it loaded from there.
+
+    ``model`` is not modified. For int8 with ``score_fn`` (higher is better, e.g. top-1 on a
+    validation slice) and ``max_score_drop``, the most sensitive layers stay in float until the
+    drop versus fp32 is within budget or ``config.max_fallback_layers`` is reached; the manifest
+    records the layers and the scores (``fallback.final_score`` is the served artifact's).
+    ``cache_dir`` keeps TorchInductor's compile caches in one place.
+    """
+    if max_batch_size < 1:
+        raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+    if (score_fn is None) != (max_score_drop is None):
+        raise ValueError("score_fn and max_score_drop go together")
+    device = ctx.device
+    if config.precision == "int8" and config.runtime == "inductor" and device.type != "cpu":
+        raise ValueError("inductor int8 uses the X86 (CPU) quantizer; on CUDA use fp16 or bf16")
+    artifact_dir.mkdir(parents=True, exist_ok=True)
+    # NOTE: the manifest is written last, so a half-built directory never loads.
+    (artifact_dir / MANIFEST_NAME).unlink(missing_ok=True)
+    started = time.perf_counter()
+    example = export_example(ctx.example_inputs, max_batch_size)
+    runtime = _runtime_module(config.runtime)
+    ctx.progress(f"realizing {config.runtime} {config.precision} into {artifact_dir}")
+    manifest = Manifest(
+        runtime=config.runtime, precision=config.precision, device_type=device.type,
+        input_shape=list(example.shape[1:]), max_batch_size=max_batch_size, config=config.to_dict(),
+        versions=current_versions(), cpu_isa=current_cpu_isa(),
+    )
+    with _cache_scope(cache_dir):
+        if config.precision != "int8":
+            files = runtime.save_float(model, config.precision, device, example, max_batch_size, artifact_dir)
+            manifest.files = dict.fromkeys(files, "")
+            manifest.build_seconds = round(time.perf_counter() - started, 3)
+            manifest.write(artifact_dir)
+            predictor = load_predictor(artifact_dir, device)
+        else:
+            predictor = _build_int8(model, config, ctx, runtime, example, artifact_dir, manifest, score_fn,
+                                    max_score_drop, started)
+    ctx.progress(f"realized {config.runtime} {config.precision} in {manifest.build_seconds:.1f} s")
+    return predictor
+
+
+def _build_int8(model: nn.Module, config: RealizationConfig, ctx: CompressionContext, runtime: ModuleType,
+                example: torch.Tensor, artifact_dir: Path, manifest: Manifest, score_fn: ScoreFn | None,
+                max_score_drop: float | None, started: float) -> Predictor:
+    max_batch_size = manifest.max_batch_size
+    calibration = calibration_chunks(ctx.calibration_inputs,
+                                     config.calibration_batches * config.calibration_batch_size,
+                                     min(config.calibration_batch_size, max_batch_size))
+    builder_cls = runtime.PT2EInt8Builder if config.runtime == "inductor" else runtime.OnnxInt8Builder
+    builder = builder_cls(model, example, calibration, max_batch_size)
+    probe = ctx.calibration_inputs[:max_batch_size].to(torch.float32)
+    try:
+        if score_fn is not None and max_score_drop is not None:
+            reference = EagerPredictor(float_model(model, "fp32", torch.device("cpu")), precision="fp32",
+                                       device=torch.device("cpu"), input_shape=tuple(example.shape[1:]),
+                                       max_batch_size=max_batch_size)
+            manifest.fallback = _fallback(builder, reference, probe, config, score_fn, max_score_drop,
+                                          ctx.progress)
+            manifest.float_layers = manifest.fallback.pop("float_layers")
+        manifest.files = dict.fromkeys(builder.save(manifest.float_layers, artifact_dir), "")
+        manifest.quantization = dict(builder.quantization)
+        manifest.build_seconds = round(time.perf_counter() - started, 3)
+        manifest.write(artifact_dir)
+        predictor = load_predictor(artifact_dir, ctx.device)
+        preview = getattr(builder, "saved_preview", None)
+        if preview is not None:
+            # NOTE: the fallback judged previews; a compiled kernel that computes something else
+            # (seen with oneDNN int8 on one input channel) must not pass unnoticed.
+            agreement = sqnr_db(preview(probe), predictor(probe))
+            manifest.quantization["compiled_vs_preview_sqnr_db"] = round(agreement, 2)
+            if agreement < _MIN_COMPILED_SQNR_DB:
+                raise RuntimeError(f"compiled int8 computes something else than its reference graph "
+                                   f"(SQNR {agreement:.1f} dB); not serving it")
+    finally:
+        getattr(builder, "close", lambda: None)()
+    if manifest.fallback is not None and score_fn is not None and max_score_drop is not None:
+        manifest.fallback["final_score"] = final = score_fn(predictor)
+        manifest.fallback["within_budget"] = manifest.fallback["reference_score"] - final <= max_score_drop
+        ctx.progress(f"int8 {config.runtime}: {len(manifest.float_layers)} layer(s) in float, score {final:.4f}")
+    manifest.write(artifact_dir)
+    return predictor
+
+
+def _fallback(builder: Int8Builder, reference: EagerPredictor, probe: torch.Tensor, config: RealizationConfig,
+              score_fn: ScoreFn, max_score_drop: float, progress: Callable[[str], None]) -> dict[str, Any]:
+    expected = reference(probe)
+    result = choose_float_layers(
+        builder, score_fn=score_fn, tie_break=lambda predictor: sqnr_db(expected, predictor(probe)),
+        reference_score=score_fn(reference), max_score_drop=max_score_drop,
+        max_layers=config.max_fallback_layers, progress=progress,
+    )
+    labels: dict[str, str] = getattr(builder, "labels", {})
+    return {"float_layers": result.float_layers, **result.to_dict(),
+            "float_layer_modules": [labels.get(layer, layer) for layer in result.float_layers]}
+
+
+def _cache_scope(cache_dir: Path | None) -> Any:
+    from compression.runtime_inductor import inductor_cache_dir
+
+    return inductor_cache_dir(cache_dir)
+
+
+def load_predictor(artifact_dir: Path, device: torch.device | str = "cpu") -> Predictor:
+    """Load a built artifact without rebuilding; raises ArtifactError if a file does not match."""
+    manifest = read_manifest(Path(artifact_dir))
+    if manifest.runtime not in RUNTIMES:
+        raise ArtifactError(f"{artifact_dir}: unknown runtime {manifest.runtime!r} in the manifest")
+    return _runtime_module(manifest.runtime).load(Path(artifact_dir), manifest, torch.device(device))

@@ -1,0 +1,85 @@
+"""Start-up compression while serving: the original answers first, then the chosen variant, no failures."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.grpc as triton
+
+from compression.settings import CompressionSettings
+from server.digits.data import load_splits, normalize
+from server.digits.model import ensure_trained
+from server.settings import DeployConfig, default_config
+from tests.serving import running_server
+
+pytestmark = pytest.mark.slow
+
+CHOSEN = "int8-onnxruntime"
+
+
+def seed_trained_digits(cache_dir: Path) -> None:
+    """Copy the already trained digits weights, so only the compression cache starts empty."""
+    weights = ensure_trained()
+    (cache_dir / "digits").mkdir(parents=True)
+    shutil.copy(weights, cache_dir / "digits" / weights.name)
+
+
+def digits_config(cache_dir: Path) -> DeployConfig:
+    """Digits with a one-candidate search, caching under ``cache_dir``."""
+    compression = CompressionSettings.model_validate({
+        "data": {"calibration_size": 256, "validation_size": 200},
+        "measurement": {"warmup": 3, "iterations": 20},
+        "candidates": [{"name": CHOSEN, "realization": {"runtime": "onnxruntime", "precision": "int8"}}],
+    })
+    config = default_config()
+    model = config.models[0].model_copy(update={"compression": compression})
+    return config.model_copy(update={"models": [model], "cache_dir": cache_dir})
+
+
+def test_requests_during_startup_compression_all_succeed(tmp_path: Path) -> None:
+    split = load_splits()["test"]
+    images, labels = normalize(split.images[:40]), split.labels[:40]
+    seed_trained_digits(tmp_path)
+    with running_server(digits_config(tmp_path)) as server:
+        client = triton.InferenceServerClient(server.address)
+
+        def one(i: int) -> tuple[str, bool]:
+            tensor = triton.InferInput("input", [1, 1, 28, 28], "FP32")
+            tensor.set_data_from_numpy(images[i % 40 : i % 40 + 1])
+            result = client.infer("digits", [tensor])
+            return result.get_response().model_version, bool(result.as_numpy("logits").argmax() == labels[i % 40])
+
+        answered: list[tuple[str, bool]] = []
+        deadline = time.monotonic() + 600
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            while time.monotonic() < deadline:
+                answered.extend(pool.map(one, range(len(answered), len(answered) + 8)))
+                if answered[-1][0] == CHOSEN and sum(v == CHOSEN for v, _ in answered) >= 16:
+                    break
+                if not server.server.compressed.searching and answered[-1][0] != CHOSEN:
+                    break  # the search ended without a swap: fail below instead of waiting out the deadline
+                time.sleep(0.05)
+        versions = [v for v, _ in answered]
+        assert versions[0] == "original" and versions[-1] == CHOSEN, versions[-3:]
+        first_swapped = versions.index(CHOSEN)
+        assert set(versions[first_swapped + 8 :]) <= {CHOSEN}  # once swapped, the default stays swapped
+        assert sum(ok for _, ok in answered) >= 0.95 * len(answered)
+
+        # both variants stay addressable, and the config describes the chosen one
+        tensor = triton.InferInput("input", [1, 1, 28, 28], "FP32")
+        tensor.set_data_from_numpy(images[:1])
+        assert client.infer("digits", [tensor], model_version="original").get_response().model_version == "original"
+        assert client.infer("digits", [tensor], model_version="compressed").get_response().model_version == CHOSEN
+        parameters = client.get_model_config("digits", as_json=True)["config"]["parameters"]
+        assert parameters["default_variant"]["string_value"] == CHOSEN
+        assert parameters["techniques"]["string_value"] == "onnxruntime:int8"
+        assert float(parameters["latency_p95_ms"]["string_value"]) > 0
+        assert "original" in client.get_model_metadata("digits", as_json=True)["versions"]
+    # a restart finds the published result and serves it at once, without searching
+    with running_server(digits_config(tmp_path)) as server:
+        assert server.server.registry.get("digits").default_variant == CHOSEN
