@@ -194,8 +194,8 @@ class PT2EInt8Builder:
         return self._preview(self.quantize(float_layers))
 
     def _preview(self, converted: torch.fx.GraphModule) -> EagerPredictor:
-        # NOTE: the reference int8 graph computes in float on (de)quantized values: the same rounding
-        # as the compiled kernels up to accumulation order, and seconds instead of a compile.
+        # NOTE: the reference int8 graph computes in float on (de)quantized values: close to the
+        # compiled kernels (29-48 dB SQNR apart, requantization rounding), seconds instead of a compile.
         return EagerPredictor(
             converted,
             precision="int8",
