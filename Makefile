@@ -16,8 +16,9 @@ $(INSTALLED): pyproject.toml
 serve: $(INSTALLED)
 	$(BIN)/slimserve serve $(ARGS)
 
-## Run the whole test suite.
+## Lint, then run the whole test suite.
 test: $(INSTALLED)
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest $(ARGS)
 
 ## The suite without the tests that train or compress models.
@@ -29,7 +30,7 @@ protos: $(INSTALLED)
 	$(BIN)/python -m protos.generate
 
 lint: $(INSTALLED)
-	$(BIN)/python -m ruff check .
+	$(BIN)/ruff check . && $(BIN)/ruff format --check server compression clients tests benchmarks
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -34,12 +34,23 @@ class ServerProcess:
 
 
 @contextmanager
-def slimserve_process(config: Path | None, *, log_path: Path | None = None,
-                      ready_timeout_s: float = 900) -> Iterator[ServerProcess]:
+def slimserve_process(
+    config: Path | None, *, log_path: Path | None = None, ready_timeout_s: float = 900
+) -> Iterator[ServerProcess]:
     """``slimserve serve`` in its own process (its own GIL and cores), stopped with SIGTERM afterwards."""
     grpc_port, metrics_port = free_port(), free_port()
-    command = [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1",
-               "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port)]
+    command = [
+        sys.executable,
+        "-m",
+        "server.cli",
+        "serve",
+        "--host",
+        "127.0.0.1",
+        "--grpc-port",
+        str(grpc_port),
+        "--metrics-port",
+        str(metrics_port),
+    ]
     if config is not None:
         command += ["--config", str(config)]
     log = open(log_path or os.devnull, "wb")

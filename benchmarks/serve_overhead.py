@@ -48,8 +48,9 @@ def in_process(
     return p50_ms, throughput, loaded.input_shape
 
 
-async def grpc_load(address: str, model: str, shape: tuple[int, ...], concurrency: list[int],
-                    duration_s: float) -> dict[int, object]:
+async def grpc_load(
+    address: str, model: str, shape: tuple[int, ...], concurrency: list[int], duration_s: float
+) -> dict[int, object]:
     channel = open_channel(address)
     call = infer_call(channel, model, INPUT_NAME, [1, *shape])
     results = {}
@@ -76,17 +77,28 @@ def main() -> None:
     c1 = results.get(1)
     print(f"\nmodel {args.model!r}, input {[1, *shape]}, {torch.get_num_threads()} torch threads\n")
     if c1 is not None:
-        print(table(
-            ["measure", "p50 ms"],
-            [["in-process forward, batch 1", f"{forward_p50:.3f}"],
-             ["gRPC ModelInfer, concurrency 1", f"{c1.p50_ms:.3f}"],
-             ["serving overhead (difference)", f"{c1.p50_ms - forward_p50:.3f}"]],
-        ))
+        print(
+            table(
+                ["measure", "p50 ms"],
+                [
+                    ["in-process forward, batch 1", f"{forward_p50:.3f}"],
+                    ["gRPC ModelInfer, concurrency 1", f"{c1.p50_ms:.3f}"],
+                    ["serving overhead (difference)", f"{c1.p50_ms - forward_p50:.3f}"],
+                ],
+            )
+        )
         print()
     rows = [[f"in-process, batch {best_size} (best)", f"{batched[best_size]:.0f}", "", "", "1.00"]]
     for level, result in results.items():
-        rows.append([f"gRPC, concurrency {level}", f"{result.throughput:.0f}", f"{result.p50_ms:.2f}",
-                     f"{result.p99_ms:.2f}", f"{result.throughput / batched[best_size]:.2f}"])
+        rows.append(
+            [
+                f"gRPC, concurrency {level}",
+                f"{result.throughput:.0f}",
+                f"{result.p50_ms:.2f}",
+                f"{result.p99_ms:.2f}",
+                f"{result.throughput / batched[best_size]:.2f}",
+            ]
+        )
     print(table(["load", "images/s", "p50 ms", "p99 ms", "ratio to best in-process"], rows))
     errors = sum(r.error_count for r in results.values())
     if errors:

@@ -41,9 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     classify = commands.add_parser("classify", help="classify image files", **sub)
     classify.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="JPEG or PNG files")
     classify.add_argument("--top-k", type=int, default=3, help="classes per image")
-    classify.add_argument(
-        "--variant", default="", help='model variant, e.g. "original"; "" = the active one'
-    )
+    classify.add_argument("--variant", default="", help='model variant, e.g. "original"; "" = the active one')
 
     bench = commands.add_parser("bench", help="closed-loop load test", **sub)
     bench.add_argument("--mode", choices=["infer", "classify"], default="infer", help="RPC to drive")
@@ -113,9 +111,7 @@ def _bench(args: argparse.Namespace) -> int:
                 call = infer_call(channel, args.model, input_name, shape, metadata=metadata)
             else:
                 call = classify_call(channel, [image] * args.batch, model=args.model, metadata=metadata)
-            return await run_load(
-                call, concurrency=args.concurrency, duration_s=args.duration, warmup_s=args.warmup
-            )
+            return await run_load(call, concurrency=args.concurrency, duration_s=args.duration, warmup_s=args.warmup)
 
     result = asyncio.run(load())
     print(f"{args.mode} {args.model} batch {args.batch}: {result.format()}")

@@ -75,9 +75,7 @@ class SlimserveClient:
         request = build_classify_request(images, model=model, top_k=top_k, variant=variant)
         return self._classifier.Classify(request, **self._call_options())
 
-    def infer(
-        self, model: str, inputs: np.ndarray, *, input_name: str | None = None, version: str = ""
-    ) -> np.ndarray:
+    def infer(self, model: str, inputs: np.ndarray, *, input_name: str | None = None, version: str = "") -> np.ndarray:
         """Run `inputs` (batch dimension included) through `model`; return its first output.
 
         Without `input_name`, the model's metadata (fetched once, then cached)
@@ -88,9 +86,7 @@ class SlimserveClient:
         if input_name is None:
             tensor = self._single_input(model, version)
             input_name, datatype = tensor.name, tensor.datatype
-        request = build_infer_request(
-            model, input_name, np.asarray(inputs), datatype=datatype, version=version
-        )
+        request = build_infer_request(model, input_name, np.asarray(inputs), datatype=datatype, version=version)
         response = self._inference.ModelInfer(request, **self._call_options())
         return output_array(response)
 

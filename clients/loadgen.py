@@ -86,9 +86,7 @@ class LoadResult:
         )
 
 
-async def run_load(
-    make_call: Call, *, concurrency: int, duration_s: float, warmup_s: float = 0.0
-) -> LoadResult:
+async def run_load(make_call: Call, *, concurrency: int, duration_s: float, warmup_s: float = 0.0) -> LoadResult:
     """Drive `make_call` from `concurrency` closed-loop workers for `warmup_s` + `duration_s` seconds.
 
     A call that raises grpc.RpcError counts as an error under its status code;

@@ -29,8 +29,7 @@ class Fidelity:
     samples: int
 
 
-def predict_top1(predict: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor,
-                 batch_size: int) -> np.ndarray:
+def predict_top1(predict: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, batch_size: int) -> np.ndarray:
     """Top-1 class of every image, running ``predict`` on batches of at most ``batch_size``."""
     out = []
     with torch.inference_mode():
@@ -51,8 +50,9 @@ def fidelity(candidate: np.ndarray, original: np.ndarray, labels: np.ndarray | N
     diff = (orig_correct - cand_correct) * 100.0
     drop = float(diff.mean())
     half = Z95 * float(diff.std(ddof=1)) / math.sqrt(n) if n > 1 else float("inf")
-    return Fidelity(float(cand_correct.mean()), drop, (drop - half, drop + half), agreement,
-                    wilson_interval(int(agree.sum()), n), n)
+    return Fidelity(
+        float(cand_correct.mean()), drop, (drop - half, drop + half), agreement, wilson_interval(int(agree.sum()), n), n
+    )
 
 
 def wilson_interval(successes: int, n: int) -> tuple[float, float]:

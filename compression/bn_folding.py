@@ -41,8 +41,7 @@ def _foldable(first: nn.Module, bn: nn.Module) -> bool:
         return False
     if isinstance(first, nn.modules.conv._ConvNd):
         return first.out_channels == bn.num_features
-    return (isinstance(first, nn.Linear) and isinstance(bn, nn.BatchNorm1d)
-            and first.out_features == bn.num_features)
+    return isinstance(first, nn.Linear) and isinstance(bn, nn.BatchNorm1d) and first.out_features == bn.num_features
 
 
 def _fuse(first: nn.Module, bn: nn.modules.batchnorm._BatchNorm) -> nn.Module:

@@ -47,8 +47,9 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
-def cache_key(*, model_file: Path | None, model_settings: dict[str, Any], compression_settings: dict[str, Any],
-              device: str) -> tuple[str, dict[str, Any]]:
+def cache_key(
+    *, model_file: Path | None, model_settings: dict[str, Any], compression_settings: dict[str, Any], device: str
+) -> tuple[str, dict[str, Any]]:
     """The key and the inputs it was computed from (stored in the report for auditing)."""
     inputs = {
         "model_file_sha256": file_sha256(model_file) if model_file is not None else None,

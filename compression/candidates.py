@@ -19,10 +19,12 @@ PRUNE_HALF: dict[str, Any] = {"technique": "channel_prune", "ratio": 0.5}
 STUDENT: dict[str, Any] = {"technique": "student", "architecture": "depthwise_separable"}
 
 
-def _candidate(name: str, steps: list[dict[str, Any]], runtime: str, precision: str,
-               **options: Any) -> CandidateSettings:
-    return CandidateSettings(name=name, steps=steps,
-                             realization={"runtime": runtime, "precision": precision, **options})
+def _candidate(
+    name: str, steps: list[dict[str, Any]], runtime: str, precision: str, **options: Any
+) -> CandidateSettings:
+    return CandidateSettings(
+        name=name, steps=steps, realization={"runtime": runtime, "precision": precision, **options}
+    )
 
 
 def default_candidates(device: str) -> list[CandidateSettings]:
@@ -44,8 +46,9 @@ def default_candidates(device: str) -> list[CandidateSettings]:
         _candidate("pruned50-int8-onnxruntime", [PRUNE_HALF], "onnxruntime", "int8"),
         _candidate("student-int8-onnxruntime", [STUDENT], "onnxruntime", "int8"),
         # Storage techniques: they shrink the compressed file, not the latency of dense kernels.
-        _candidate("sparse80", [{"technique": "magnitude_prune", "sparsity": 0.8, "finetune_epochs": 3}],
-                   "eager", "fp32"),
+        _candidate(
+            "sparse80", [{"technique": "magnitude_prune", "sparsity": 0.8, "finetune_epochs": 3}], "eager", "fp32"
+        ),
         _candidate("clustered4bit", [{"technique": "weight_cluster", "bits": 4}], "eager", "fp32"),
         _candidate("clipped", [{"technique": "weight_clip", "percentile": 99.9}], "eager", "fp32"),
     ]

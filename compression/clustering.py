@@ -61,7 +61,7 @@ def kmeans_1d(values: torch.Tensor, clusters: int, iterations: int) -> tuple[tor
 @register(WeightClusterConfig)
 def apply_weight_cluster(model: nn.Module, config: WeightClusterConfig, ctx: CompressionContext) -> nn.Module:
     clustered = copy.deepcopy(model)
-    clusters = 2 ** config.bits
+    clusters = 2**config.bits
     done = skipped = 0
     with torch.no_grad():
         for w in prunable_weights(clustered):
@@ -71,6 +71,5 @@ def apply_weight_cluster(model: nn.Module, config: WeightClusterConfig, ctx: Com
             centroids, assign = kmeans_1d(w, clusters, config.iterations)
             w.copy_(centroids[assign].to(w.dtype))
             done += 1
-    ctx.progress(f"weight_cluster: {done} layers clustered to <= {clusters} values, "
-                 f"{skipped} small layers skipped")
+    ctx.progress(f"weight_cluster: {done} layers clustered to <= {clusters} values, {skipped} small layers skipped")
     return clustered

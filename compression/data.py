@@ -32,8 +32,12 @@ class EvalData:
     """(M,) int64 class indices, or None (then fidelity is agreement with the original)."""
 
 
-def load_eval_data(settings: DataSettings, preprocessing: PreprocessingSettings,
-                   input_shape: tuple[int, int, int], max_pixels: int = 40_000_000) -> EvalData:
+def load_eval_data(
+    settings: DataSettings,
+    preprocessing: PreprocessingSettings,
+    input_shape: tuple[int, int, int],
+    max_pixels: int = 40_000_000,
+) -> EvalData:
     if settings.source == "builtin":
         data = _builtin_digits(settings)
     else:
@@ -47,8 +51,12 @@ def load_eval_data(settings: DataSettings, preprocessing: PreprocessingSettings,
         raise DataError(
             f"data images have shape {list(data.validation.shape[1:])}, the model takes {list(input_shape)}"
         )
-    log.info("data: %d calibration and %d validation images (%s)", len(data.calibration),
-             len(data.validation), "labelled" if data.validation_labels is not None else "unlabelled")
+    log.info(
+        "data: %d calibration and %d validation images (%s)",
+        len(data.calibration),
+        len(data.validation),
+        "labelled" if data.validation_labels is not None else "unlabelled",
+    )
     return data
 
 

@@ -21,12 +21,19 @@ from torch import nn
 from compression.context import CompressionContext
 from compression.errors import check_float, check_int
 
-
 _EVAL_BATCH = 256
 
 
-def check_kd_fields(epochs: int, time_budget_s: float, temperature: float, alpha: float, lr: float,
-                    *, epochs_name: str = "epochs", budget_name: str = "time_budget_s") -> None:
+def check_kd_fields(
+    epochs: int,
+    time_budget_s: float,
+    temperature: float,
+    alpha: float,
+    lr: float,
+    *,
+    epochs_name: str = "epochs",
+    budget_name: str = "time_budget_s",
+) -> None:
     """Validate the KD fields that technique configs share; raises ValueError naming the field."""
     check_int(epochs_name, epochs, 0)
     check_float(budget_name, time_budget_s, 0.0, low_open=True)
@@ -53,20 +60,26 @@ class DistillSettings:
     """Share of the inputs held back (never trained on) to measure agreement with the teacher."""
 
     def __post_init__(self) -> None:
-        check_kd_fields(self.max_epochs, self.time_budget_s, self.temperature, self.alpha, self.lr,
-                        epochs_name="max_epochs")
+        check_kd_fields(
+            self.max_epochs, self.time_budget_s, self.temperature, self.alpha, self.lr, epochs_name="max_epochs"
+        )
         check_int("batch_size", self.batch_size, 2)  # NOTE: BatchNorm cannot train on one sample
         check_float("weight_decay", self.weight_decay, 0.0)
         check_float("max_shift", self.max_shift, 0.0, 0.5, high_open=True)
         check_float("holdout_fraction", self.holdout_fraction, 0.0, 1.0, low_open=True, high_open=True)
 
 
-def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float,
-            alpha: float) -> torch.Tensor:
+def kd_loss(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float, alpha: float
+) -> torch.Tensor:
     """Hinton's loss: soft KL term scaled by T^2 plus hard CE against the teacher's argmax."""
     t = temperature
-    soft = F.kl_div(F.log_softmax(student_logits / t, dim=1), F.log_softmax(teacher_logits / t, dim=1),
-                    reduction="batchmean", log_target=True) * (t * t)
+    soft = F.kl_div(
+        F.log_softmax(student_logits / t, dim=1),
+        F.log_softmax(teacher_logits / t, dim=1),
+        reduction="batchmean",
+        log_target=True,
+    ) * (t * t)
     hard = F.cross_entropy(student_logits, teacher_logits.argmax(dim=1))
     return alpha * soft + (1.0 - alpha) * hard
 
@@ -75,8 +88,9 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
 def logits_of(model: nn.Module, inputs: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Eval-mode logits of ``model`` (on whatever device it lives) for ``inputs``, returned on ``device``."""
     model_device = next(model.parameters(), torch.empty(0)).device
-    chunks = [model(inputs[i : i + _EVAL_BATCH].to(model_device)).to(device)
-              for i in range(0, len(inputs), _EVAL_BATCH)]
+    chunks = [
+        model(inputs[i : i + _EVAL_BATCH].to(model_device)).to(device) for i in range(0, len(inputs), _EVAL_BATCH)
+    ]
     return torch.cat(chunks)
 
 
@@ -104,9 +118,15 @@ def _shift(batch: torch.Tensor, max_shift: float, gen: torch.Generator) -> torch
     return F.grid_sample(batch, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
-def distill(student: nn.Module, teacher: nn.Module, inputs: torch.Tensor, settings: DistillSettings,
-            ctx: CompressionContext, *,
-            before_step: Callable[[nn.Module], None] | None = None) -> nn.Module:
+def distill(
+    student: nn.Module,
+    teacher: nn.Module,
+    inputs: torch.Tensor,
+    settings: DistillSettings,
+    ctx: CompressionContext,
+    *,
+    before_step: Callable[[nn.Module], None] | None = None,
+) -> nn.Module:
     """Train ``student`` **in place** to mimic ``teacher`` on ``inputs``; returns it in eval mode.
 
     ``before_step(student)`` runs after each backward pass, before the optimizer step (e.g. to mask
@@ -132,8 +152,7 @@ def distill(student: nn.Module, teacher: nn.Module, inputs: torch.Tensor, settin
             hold_t = logits_of(teacher, hold_x, device)
             # NOTE: without augmentation the teacher's targets never change: compute them once.
             train_t = None if settings.augment else logits_of(teacher, train_x, device)
-            _train(student, teacher, train_x, train_t, hold_x, hold_t, settings, ctx, gen, started,
-                   before_step)
+            _train(student, teacher, train_x, train_t, hold_x, hold_t, settings, ctx, gen, started, before_step)
         finally:
             teacher.train(teacher_was_training)
     student.zero_grad(set_to_none=True)
@@ -141,10 +160,19 @@ def distill(student: nn.Module, teacher: nn.Module, inputs: torch.Tensor, settin
     return student.to(home)
 
 
-def _train(student: nn.Module, teacher: nn.Module, train_x: torch.Tensor, train_t: torch.Tensor | None,
-           hold_x: torch.Tensor, hold_t: torch.Tensor, settings: DistillSettings, ctx: CompressionContext,
-           gen: torch.Generator, started: float,
-           before_step: Callable[[nn.Module], None] | None) -> None:
+def _train(
+    student: nn.Module,
+    teacher: nn.Module,
+    train_x: torch.Tensor,
+    train_t: torch.Tensor | None,
+    hold_x: torch.Tensor,
+    hold_t: torch.Tensor,
+    settings: DistillSettings,
+    ctx: CompressionContext,
+    gen: torch.Generator,
+    started: float,
+    before_step: Callable[[nn.Module], None] | None,
+) -> None:
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
     n = len(train_x)

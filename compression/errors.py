@@ -22,8 +22,9 @@ def check_int(name: str, value: object, low: int, high: int | None = None) -> No
         raise ValueError(f"{name} must be an integer in {bound}, got {value!r}")
 
 
-def check_float(name: str, value: object, low: float, high: float = math.inf, *,
-                low_open: bool = False, high_open: bool = False) -> None:
+def check_float(
+    name: str, value: object, low: float, high: float = math.inf, *, low_open: bool = False, high_open: bool = False
+) -> None:
     """Raise ValueError unless ``value`` is a finite number in the interval from ``low`` to ``high``."""
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     if ok:

@@ -34,8 +34,12 @@ def compression_key(settings: ModelSettings, loaded: LoadedModel) -> tuple[str, 
     compression = settings.compression
     assert compression is not None
     model_part = settings.model_dump(mode="json", exclude={"compression", "batching", "name"})
-    return cache_key(model_file=loaded.source_file, model_settings=model_part,
-                     compression_settings=compression.model_dump(mode="json"), device=compression.target.device)
+    return cache_key(
+        model_file=loaded.source_file,
+        model_settings=model_part,
+        compression_settings=compression.model_dump(mode="json"),
+        device=compression.target.device,
+    )
 
 
 def cached_entry(settings: ModelSettings, loaded: LoadedModel, cache_root: Path) -> CompressedEntry | None:
@@ -48,9 +52,14 @@ def cached_entry(settings: ModelSettings, loaded: LoadedModel, cache_root: Path)
     return CompressedEntry(folder, SearchReport.from_json((folder / REPORT_NAME).read_text()))
 
 
-def compress(settings: ModelSettings, loaded: LoadedModel, cache_root: Path, *,
-             max_image_pixels: int = 40_000_000,
-             progress: Callable[[str], None] = log.info) -> CompressedEntry:
+def compress(
+    settings: ModelSettings,
+    loaded: LoadedModel,
+    cache_root: Path,
+    *,
+    max_image_pixels: int = 40_000_000,
+    progress: Callable[[str], None] = log.info,
+) -> CompressedEntry:
     """Search unless a published result for the same inputs exists; one process searches per key."""
     compression: CompressionSettings | None = settings.compression
     if compression is None or not compression.enabled:
@@ -64,8 +73,15 @@ def compress(settings: ModelSettings, loaded: LoadedModel, cache_root: Path, *,
         progress(f"model {settings.name!r}: searching (cache key {key})")
         data = load_eval_data(compression.data, settings.preprocessing, loaded.input_shape, max_image_pixels)
         with cache.staging(settings.name, key) as staging:
-            report = run_search(loaded.module, compression, data, staging, model_name=settings.name,
-                                max_batch_size=settings.batching.max_batch_size, progress=progress)
+            report = run_search(
+                loaded.module,
+                compression,
+                data,
+                staging,
+                model_name=settings.name,
+                max_batch_size=settings.batching.max_batch_size,
+                progress=progress,
+            )
             report.cache_key, report.key_inputs = key, key_inputs
             write_reports(report, staging)
     return CompressedEntry(cache.entry(settings.name, key), report)

@@ -25,9 +25,13 @@ from compression.runtime_common import calibration_chunks, export_example, float
 from compression.runtime_eager import EagerPredictor
 from compression.runtime_fallback import Int8Builder, ScoreFn, choose_float_layers
 from compression.runtime_manifest import (
-    MANIFEST_NAME, ArtifactError, Manifest, current_cpu_isa, current_versions, read_manifest,
+    MANIFEST_NAME,
+    ArtifactError,
+    Manifest,
+    current_cpu_isa,
+    current_versions,
+    read_manifest,
 )
-
 
 __all__ = ["ArtifactError", "RealizationConfig", "SUPPORTED", "build_predictor", "load_predictor"]
 
@@ -80,9 +84,7 @@ class RealizationConfig:
         if not isinstance(self.channels_last, bool):
             raise ValueError(f"channels_last must be a bool, got {self.channels_last!r}")
         if self.channels_last and self.runtime != "eager":
-            raise ValueError(
-                f"channels_last applies to the eager runtime only; {self.runtime} chooses its own layout"
-            )
+            raise ValueError(f"channels_last applies to the eager runtime only; {self.runtime} chooses its own layout")
         for field_name in ("calibration_batches", "calibration_batch_size"):
             value = getattr(self, field_name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -148,9 +150,14 @@ def build_predictor(
     runtime = _runtime_module(config.runtime)
     ctx.progress(f"realizing {config.runtime} {config.precision} into {artifact_dir}")
     manifest = Manifest(
-        runtime=config.runtime, precision=config.precision, device_type=device.type,
-        input_shape=list(example.shape[1:]), max_batch_size=max_batch_size, config=config.to_dict(),
-        versions=current_versions(), cpu_isa=current_cpu_isa(),
+        runtime=config.runtime,
+        precision=config.precision,
+        device_type=device.type,
+        input_shape=list(example.shape[1:]),
+        max_batch_size=max_batch_size,
+        config=config.to_dict(),
+        versions=current_versions(),
+        cpu_isa=current_cpu_isa(),
     )
     with _cache_scope(cache_dir):
         if config.precision != "int8":
@@ -160,29 +167,44 @@ def build_predictor(
             manifest.write(artifact_dir)
             predictor = load_predictor(artifact_dir, device)
         else:
-            predictor = _build_int8(model, config, ctx, runtime, example, artifact_dir, manifest, score_fn,
-                                    max_score_drop, started)
+            predictor = _build_int8(
+                model, config, ctx, runtime, example, artifact_dir, manifest, score_fn, max_score_drop, started
+            )
     ctx.progress(f"realized {config.runtime} {config.precision} in {manifest.build_seconds:.1f} s")
     return predictor
 
 
-def _build_int8(model: nn.Module, config: RealizationConfig, ctx: CompressionContext, runtime: ModuleType,
-                example: torch.Tensor, artifact_dir: Path, manifest: Manifest, score_fn: ScoreFn | None,
-                max_score_drop: float | None, started: float) -> Predictor:
+def _build_int8(
+    model: nn.Module,
+    config: RealizationConfig,
+    ctx: CompressionContext,
+    runtime: ModuleType,
+    example: torch.Tensor,
+    artifact_dir: Path,
+    manifest: Manifest,
+    score_fn: ScoreFn | None,
+    max_score_drop: float | None,
+    started: float,
+) -> Predictor:
     max_batch_size = manifest.max_batch_size
-    calibration = calibration_chunks(ctx.calibration_inputs,
-                                     config.calibration_batches * config.calibration_batch_size,
-                                     min(config.calibration_batch_size, max_batch_size))
+    calibration = calibration_chunks(
+        ctx.calibration_inputs,
+        config.calibration_batches * config.calibration_batch_size,
+        min(config.calibration_batch_size, max_batch_size),
+    )
     builder_cls = runtime.PT2EInt8Builder if config.runtime == "inductor" else runtime.OnnxInt8Builder
     builder = builder_cls(model, example, calibration, max_batch_size)
     probe = ctx.calibration_inputs[:max_batch_size].to(torch.float32)
     try:
         if score_fn is not None and max_score_drop is not None:
-            reference = EagerPredictor(float_model(model, "fp32", torch.device("cpu")), precision="fp32",
-                                       device=torch.device("cpu"), input_shape=tuple(example.shape[1:]),
-                                       max_batch_size=max_batch_size)
-            manifest.fallback = _fallback(builder, reference, probe, config, score_fn, max_score_drop,
-                                          ctx.progress)
+            reference = EagerPredictor(
+                float_model(model, "fp32", torch.device("cpu")),
+                precision="fp32",
+                device=torch.device("cpu"),
+                input_shape=tuple(example.shape[1:]),
+                max_batch_size=max_batch_size,
+            )
+            manifest.fallback = _fallback(builder, reference, probe, config, score_fn, max_score_drop, ctx.progress)
             manifest.float_layers = manifest.fallback.pop("float_layers")
         manifest.files = dict.fromkeys(builder.save(manifest.float_layers, artifact_dir), "")
         manifest.quantization = dict(builder.quantization)
@@ -196,8 +218,10 @@ def _build_int8(model: nn.Module, config: RealizationConfig, ctx: CompressionCon
             agreement = sqnr_db(preview(probe), predictor(probe))
             manifest.quantization["compiled_vs_preview_sqnr_db"] = round(agreement, 2)
             if agreement < _MIN_COMPILED_SQNR_DB:
-                raise RuntimeError(f"compiled int8 computes something else than its reference graph "
-                                   f"(SQNR {agreement:.1f} dB); not serving it")
+                raise RuntimeError(
+                    f"compiled int8 computes something else than its reference graph "
+                    f"(SQNR {agreement:.1f} dB); not serving it"
+                )
     finally:
         getattr(builder, "close", lambda: None)()
     if manifest.fallback is not None and score_fn is not None and max_score_drop is not None:
@@ -208,17 +232,31 @@ def _build_int8(model: nn.Module, config: RealizationConfig, ctx: CompressionCon
     return predictor
 
 
-def _fallback(builder: Int8Builder, reference: EagerPredictor, probe: torch.Tensor, config: RealizationConfig,
-              score_fn: ScoreFn, max_score_drop: float, progress: Callable[[str], None]) -> dict[str, Any]:
+def _fallback(
+    builder: Int8Builder,
+    reference: EagerPredictor,
+    probe: torch.Tensor,
+    config: RealizationConfig,
+    score_fn: ScoreFn,
+    max_score_drop: float,
+    progress: Callable[[str], None],
+) -> dict[str, Any]:
     expected = reference(probe)
     result = choose_float_layers(
-        builder, score_fn=score_fn, tie_break=lambda predictor: sqnr_db(expected, predictor(probe)),
-        reference_score=score_fn(reference), max_score_drop=max_score_drop,
-        max_layers=config.max_fallback_layers, progress=progress,
+        builder,
+        score_fn=score_fn,
+        tie_break=lambda predictor: sqnr_db(expected, predictor(probe)),
+        reference_score=score_fn(reference),
+        max_score_drop=max_score_drop,
+        max_layers=config.max_fallback_layers,
+        progress=progress,
     )
     labels: dict[str, str] = getattr(builder, "labels", {})
-    return {"float_layers": result.float_layers, **result.to_dict(),
-            "float_layer_modules": [labels.get(layer, layer) for layer in result.float_layers]}
+    return {
+        "float_layers": result.float_layers,
+        **result.to_dict(),
+        "float_layer_modules": [labels.get(layer, layer) for layer in result.float_layers],
+    }
 
 
 def _cache_scope(cache_dir: Path | None) -> Any:

@@ -31,19 +31,42 @@ def summary_rows(report: SearchReport) -> list[list[str]]:
     rows = []
     for v in [report.original, *report.candidates]:
         speedup = f"{base / v.latency_p50_ms:.2f}x" if base and v.latency_p50_ms else "-"
-        status = "FAILED: " + (v.error or "")[:80] if v.error else ("chosen" if v.name == report.chosen else
-                                                                  ("within budget" if v.meets_budget else "outside budget"))
-        rows.append([v.name, " -> ".join(v.techniques), _fmt(v.latency_p50_ms, ".2f"), _fmt(v.latency_p95_ms, ".2f"),
-                     speedup, _fidelity(v) if v.agreement is not None else "-",
-                     _fmt(v.size_bytes / 1e6 if v.size_bytes else None, ".2f"),
-                     _fmt(v.compressed_bytes / 1e6 if v.compressed_bytes else None, ".2f"),
-                     _fmt(v.params / 1e6 if v.params else None, ".3f"), _fmt(v.macs / 1e6 if v.macs else None, ".1f"),
-                     status])
+        status = (
+            "FAILED: " + (v.error or "")[:80]
+            if v.error
+            else ("chosen" if v.name == report.chosen else ("within budget" if v.meets_budget else "outside budget"))
+        )
+        rows.append(
+            [
+                v.name,
+                " -> ".join(v.techniques),
+                _fmt(v.latency_p50_ms, ".2f"),
+                _fmt(v.latency_p95_ms, ".2f"),
+                speedup,
+                _fidelity(v) if v.agreement is not None else "-",
+                _fmt(v.size_bytes / 1e6 if v.size_bytes else None, ".2f"),
+                _fmt(v.compressed_bytes / 1e6 if v.compressed_bytes else None, ".2f"),
+                _fmt(v.params / 1e6 if v.params else None, ".3f"),
+                _fmt(v.macs / 1e6 if v.macs else None, ".1f"),
+                status,
+            ]
+        )
     return rows
 
 
-HEADERS = ["variant", "chain", "p50 ms", "p95 ms", "speed-up (p50)", "top-1 (drop)", "size MB", "zlib MB",
-           "params M", "MMACs", "status"]
+HEADERS = [
+    "variant",
+    "chain",
+    "p50 ms",
+    "p95 ms",
+    "speed-up (p50)",
+    "top-1 (drop)",
+    "size MB",
+    "zlib MB",
+    "params M",
+    "MMACs",
+    "status",
+]
 
 
 def markdown(report: SearchReport) -> str:
@@ -88,8 +111,9 @@ def pareto_plot(report: SearchReport, path: Path) -> None:
         if fidelity(v) > best:
             front.append(v)
             best = fidelity(v)
-    ax.plot([v.latency_p95_ms for v in front], [fidelity(v) for v in front], "--", c="tab:blue", lw=1,
-            label="Pareto front")
+    ax.plot(
+        [v.latency_p95_ms for v in front], [fidelity(v) for v in front], "--", c="tab:blue", lw=1, label="Pareto front"
+    )
     if report.budget.get("max_latency_ms"):
         ax.axvline(report.budget["max_latency_ms"], c="tab:orange", lw=1, label="latency budget")
     ax.set_xscale("log")

@@ -64,9 +64,7 @@ def export_program(
     Non-strict export is enough for eager, AOTInductor and ONNX; PT2E quantization needs
     ``strict=True`` on resnets (blocks that reuse one ReLU module fail to annotate otherwise).
     """
-    return torch.export.export(
-        model, (example,), dynamic_shapes=batch_dynamic_shapes(max_batch_size), strict=strict
-    )
+    return torch.export.export(model, (example,), dynamic_shapes=batch_dynamic_shapes(max_batch_size), strict=strict)
 
 
 def calibration_chunks(calibration_inputs: torch.Tensor, rows: int, chunk: int) -> Iterator[torch.Tensor]:

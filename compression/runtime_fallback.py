@@ -93,9 +93,7 @@ def choose_float_layers(
     for layer in order[:max_layers]:
         result.float_layers.append(layer)
         result.preview_score = score_fn(builder.variant(result.float_layers))
-        progress(
-            f"int8 fallback: {len(result.float_layers)} layer(s) in float, score {result.preview_score:.4f}"
-        )
+        progress(f"int8 fallback: {len(result.float_layers)} layer(s) in float, score {result.preview_score:.4f}")
         if reference_score - result.preview_score <= max_score_drop:
             break
     return result

@@ -152,8 +152,9 @@ class PT2EInt8Builder:
         self._max_batch_size = max_batch_size
         # NOTE: strict=True, because non-strict export fails to annotate resnets ("Input partition
         # has more than one output node": blocks reuse one ReLU module).
-        self._exported = export_program(float_model(model, "fp32", torch.device("cpu")), example,
-                                        max_batch_size, strict=True).module()
+        self._exported = export_program(
+            float_model(model, "fp32", torch.device("cpu")), example, max_batch_size, strict=True
+        ).module()
         self._in_graph = normalize_module_paths(self._exported)
         used = [name for name in quantizable_layers(model) if name in self._in_graph]
         self._always_float = [name for name in used if name in single]

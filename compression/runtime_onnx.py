@@ -68,8 +68,9 @@ def create_session(path: Path, device: torch.device) -> Any:
 class OnnxPredictor:
     runtime = "onnxruntime"
 
-    def __init__(self, session: Any, *, precision: str, device: torch.device,
-                 input_shape: tuple[int, ...], max_batch_size: int) -> None:
+    def __init__(
+        self, session: Any, *, precision: str, device: torch.device, input_shape: tuple[int, ...], max_batch_size: int
+    ) -> None:
         self.precision = precision
         self.device = device
         self.input_shape = tuple(input_shape)
@@ -84,24 +85,40 @@ class OnnxPredictor:
 
 def export_onnx(module: nn.Module, example: torch.Tensor, max_batch_size: int, path: Path) -> None:
     torch.onnx.export(
-        module, (example,), str(path), dynamo=True, dynamic_shapes=batch_dynamic_shapes(max_batch_size),
-        input_names=[INPUT_NAME], output_names=["logits"], external_data=False, verbose=False,
+        module,
+        (example,),
+        str(path),
+        dynamo=True,
+        dynamic_shapes=batch_dynamic_shapes(max_batch_size),
+        input_names=[INPUT_NAME],
+        output_names=["logits"],
+        external_data=False,
+        verbose=False,
     )
 
 
-def save_float(model: nn.Module, precision: str, device: torch.device, example: torch.Tensor,
-               max_batch_size: int, artifact_dir: Path) -> list[str]:
+def save_float(
+    model: nn.Module,
+    precision: str,
+    device: torch.device,
+    example: torch.Tensor,
+    max_batch_size: int,
+    artifact_dir: Path,
+) -> list[str]:
     # NOTE: exported on the CPU whatever the device: the execution provider places the graph.
-    export_onnx(float_model(model, precision, torch.device("cpu")), example, max_batch_size,
-                artifact_dir / MODEL_FILE)
+    export_onnx(float_model(model, precision, torch.device("cpu")), example, max_batch_size, artifact_dir / MODEL_FILE)
     return [MODEL_FILE]
 
 
 def load(artifact_dir: Path, manifest: Manifest, device: torch.device) -> OnnxPredictor:
     check_compatible(manifest, device, compiled=False)
-    return OnnxPredictor(create_session(artifact_dir / MODEL_FILE, device), precision=manifest.precision,
-                         device=device, input_shape=tuple(manifest.input_shape),
-                         max_batch_size=manifest.max_batch_size)
+    return OnnxPredictor(
+        create_session(artifact_dir / MODEL_FILE, device),
+        precision=manifest.precision,
+        device=device,
+        input_shape=tuple(manifest.input_shape),
+        max_batch_size=manifest.max_batch_size,
+    )
 
 
 def _scope(node: Any) -> str:
@@ -116,8 +133,9 @@ def _scope(node: Any) -> str:
 class OnnxInt8Builder:
     """Exports and calibrates once; each variant only re-runs ``quantize_static`` from the cache."""
 
-    def __init__(self, model: nn.Module, example: torch.Tensor, calibration: Iterable[torch.Tensor],
-                 max_batch_size: int) -> None:
+    def __init__(
+        self, model: nn.Module, example: torch.Tensor, calibration: Iterable[torch.Tensor], max_batch_size: int
+    ) -> None:
         import onnx
         from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -158,9 +176,16 @@ class OnnxInt8Builder:
         # and later variants read the ranges from the cache file.
         reader = None if self._cache.is_file() else _Reader(self._calibration)
         quantize_static(
-            str(self._prepared), str(path), reader, quant_format=QuantFormat.QDQ, per_channel=True,
-            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, reduce_range=True,
-            nodes_to_exclude=list(float_layers), calibration_cache_path=str(self._cache),
+            str(self._prepared),
+            str(path),
+            reader,
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            reduce_range=True,
+            nodes_to_exclude=list(float_layers),
+            calibration_cache_path=str(self._cache),
         )
 
     def variant(self, float_layers: Sequence[str]) -> OnnxPredictor:
@@ -169,8 +194,13 @@ class OnnxInt8Builder:
         self.quantize(float_layers, path)
         session = create_session(path, torch.device("cpu"))
         path.unlink()  # NOTE: the session holds the model in memory; keep the temp dir small
-        return OnnxPredictor(session, precision="int8", device=torch.device("cpu"),
-                             input_shape=self._input_shape, max_batch_size=self._max_batch_size)
+        return OnnxPredictor(
+            session,
+            precision="int8",
+            device=torch.device("cpu"),
+            input_shape=self._input_shape,
+            max_batch_size=self._max_batch_size,
+        )
 
     def save(self, float_layers: Sequence[str], artifact_dir: Path) -> list[str]:
         self.quantize(float_layers, artifact_dir / MODEL_FILE)

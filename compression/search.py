@@ -118,8 +118,16 @@ class _Built:
     predictor: Predictor
 
 
-def run_search(model: nn.Module, settings: CompressionSettings, data: EvalData, out_dir: Path, *,
-               model_name: str, max_batch_size: int, progress: Callable[[str], None] = log.info) -> SearchReport:
+def run_search(
+    model: nn.Module,
+    settings: CompressionSettings,
+    data: EvalData,
+    out_dir: Path,
+    *,
+    model_name: str,
+    max_batch_size: int,
+    progress: Callable[[str], None] = log.info,
+) -> SearchReport:
     """Build and measure every candidate into ``out_dir``; keep only the chosen artifact."""
     started = time.perf_counter()
     device = torch.device(settings.target.device)
@@ -128,22 +136,39 @@ def run_search(model: nn.Module, settings: CompressionSettings, data: EvalData, 
     example = _example(data.calibration, batch)
     input_shape = tuple(example.shape[1:])
     serve_batch = max(max_batch_size, batch)
-    ctx = CompressionContext(calibration_inputs=data.calibration, example_inputs=example, teacher=model,
-                             device=device, progress=progress)
+    ctx = CompressionContext(
+        calibration_inputs=data.calibration, example_inputs=example, teacher=model, device=device, progress=progress
+    )
     candidates = [Candidate.from_settings(c) for c in settings.candidates or default_candidates(str(device))]
 
-    original = VariantReport(ORIGINAL, ["original"], params=analysis.count_params(model),
-                             macs=analysis.count_macs(model, example[:1]),
-                             size_bytes=analysis.state_dict_bytes(model),
-                             compressed_bytes=analysis.compressed_bytes(model))
-    built = {ORIGINAL: _Built(original, EagerPredictor(model, precision="fp32", device=device,
-                                                        input_shape=input_shape, max_batch_size=serve_batch))}
+    original = VariantReport(
+        ORIGINAL,
+        ["original"],
+        params=analysis.count_params(model),
+        macs=analysis.count_macs(model, example[:1]),
+        size_bytes=analysis.state_dict_bytes(model),
+        compressed_bytes=analysis.compressed_bytes(model),
+    )
+    built = {
+        ORIGINAL: _Built(
+            original,
+            EagerPredictor(model, precision="fp32", device=device, input_shape=input_shape, max_batch_size=serve_batch),
+        )
+    }
     score_fn, max_drop = _int8_scorer(model, data.calibration, settings, serve_batch)
     transformed: dict[str, nn.Module] = {}
     for index, candidate in enumerate(candidates, 1):
         progress(f"[{index}/{len(candidates)}] candidate {candidate.name}: {' -> '.join(candidate.techniques)}")
-        result = _build(candidate, model, ctx, out_dir / CANDIDATES_DIR / candidate.name, transformed,
-                        serve_batch, score_fn, max_drop)
+        result = _build(
+            candidate,
+            model,
+            ctx,
+            out_dir / CANDIDATES_DIR / candidate.name,
+            transformed,
+            serve_batch,
+            score_fn,
+            max_drop,
+        )
         if isinstance(result, VariantReport):
             progress(f"[{index}/{len(candidates)}] {candidate.name} FAILED: {result.error}")
             built[candidate.name] = _Built(result, None)  # type: ignore[arg-type]
@@ -151,10 +176,16 @@ def run_search(model: nn.Module, settings: CompressionSettings, data: EvalData, 
             built[candidate.name] = result
 
     working = {name: b for name, b in built.items() if b.report.error is None}
-    progress(f"measuring latency of {len(working)} variants at batch {batch} on {device} "
-             f"({settings.measurement.iterations} interleaved rounds)")
-    latencies = measure_latency({n: b.predictor for n, b in working.items()}, example,
-                                warmup=settings.measurement.warmup, iterations=settings.measurement.iterations)
+    progress(
+        f"measuring latency of {len(working)} variants at batch {batch} on {device} "
+        f"({settings.measurement.iterations} interleaved rounds)"
+    )
+    latencies = measure_latency(
+        {n: b.predictor for n, b in working.items()},
+        example,
+        warmup=settings.measurement.warmup,
+        iterations=settings.measurement.iterations,
+    )
     progress(f"measuring fidelity on {len(data.validation)} held-out images")
     reference = predict_top1(working[ORIGINAL].predictor, data.validation, serve_batch)
     for name, b in working.items():
@@ -178,28 +209,55 @@ def run_search(model: nn.Module, settings: CompressionSettings, data: EvalData, 
         built[choice.name].report.artifact = f"{CANDIDATES_DIR}/{choice.name}"
     (log.warning if not choice.budget_met else progress)(f"chosen: {choice.name} ({choice.reason})")
     return SearchReport(
-        model=model_name, device=str(device), batch_size=batch, budget=budget.model_dump(),
-        data={"calibration_images": len(data.calibration), "validation_images": len(data.validation),
-              "labelled": data.validation_labels is not None},
-        original=original, candidates=[b.report for n, b in built.items() if n != ORIGINAL],
-        chosen=choice.name, reason=choice.reason, budget_met=choice.budget_met,
+        model=model_name,
+        device=str(device),
+        batch_size=batch,
+        budget=budget.model_dump(),
+        data={
+            "calibration_images": len(data.calibration),
+            "validation_images": len(data.validation),
+            "labelled": data.validation_labels is not None,
+        },
+        original=original,
+        candidates=[b.report for n, b in built.items() if n != ORIGINAL],
+        chosen=choice.name,
+        reason=choice.reason,
+        budget_met=choice.budget_met,
         search_seconds=round(time.perf_counter() - started, 1),
     )
 
 
-def _build(candidate: Candidate, model: nn.Module, ctx: CompressionContext, artifact_dir: Path,
-           transformed: dict[str, nn.Module], serve_batch: int, score_fn: Callable[[Predictor], float],
-           max_drop: float) -> _Built | VariantReport:
-    report = VariantReport(candidate.name, candidate.techniques, [config_to_dict(s) for s in candidate.steps],
-                           candidate.realization.to_dict())
+def _build(
+    candidate: Candidate,
+    model: nn.Module,
+    ctx: CompressionContext,
+    artifact_dir: Path,
+    transformed: dict[str, nn.Module],
+    serve_batch: int,
+    score_fn: Callable[[Predictor], float],
+    max_drop: float,
+) -> _Built | VariantReport:
+    report = VariantReport(
+        candidate.name,
+        candidate.techniques,
+        [config_to_dict(s) for s in candidate.steps],
+        candidate.realization.to_dict(),
+    )
     if any(step.name in STORAGE_ONLY for step in candidate.steps):
         report.note = "storage technique: shrinks the compressed weights, does not speed up dense kernels"
     started = time.perf_counter()
     try:
         current = _apply_chain(candidate, model, ctx, transformed)
         int8 = candidate.realization.precision == "int8"
-        predictor = build_predictor(current, candidate.realization, ctx, artifact_dir, max_batch_size=serve_batch,
-                                    score_fn=score_fn if int8 else None, max_score_drop=max_drop if int8 else None)
+        predictor = build_predictor(
+            current,
+            candidate.realization,
+            ctx,
+            artifact_dir,
+            max_batch_size=serve_batch,
+            score_fn=score_fn if int8 else None,
+            max_score_drop=max_drop if int8 else None,
+        )
     except Exception as exc:  # noqa: BLE001 - a failing technique is a result, not a crash
         log.debug("candidate %s failed", candidate.name, exc_info=True)
         report.error = f"{type(exc).__name__}: {exc}"
@@ -210,13 +268,15 @@ def _build(candidate: Candidate, model: nn.Module, ctx: CompressionContext, arti
     report.macs = analysis.count_macs(current, ctx.example_inputs[:1])
     report.sparsity = round(analysis.sparsity(current), 4)
     report.compressed_bytes = analysis.compressed_bytes(current)
-    report.size_bytes = sum(p.stat().st_size for p in artifact_dir.rglob("*") if p.is_file()
-                            and p.name != "manifest.json")
+    report.size_bytes = sum(
+        p.stat().st_size for p in artifact_dir.rglob("*") if p.is_file() and p.name != "manifest.json"
+    )
     return _Built(report, predictor)
 
 
-def _apply_chain(candidate: Candidate, model: nn.Module, ctx: CompressionContext,
-                 transformed: dict[str, nn.Module]) -> nn.Module:
+def _apply_chain(
+    candidate: Candidate, model: nn.Module, ctx: CompressionContext, transformed: dict[str, nn.Module]
+) -> nn.Module:
     """Apply the candidate's techniques; chains share prefixes (prune -> fp32, prune -> int8), built once."""
     current = model
     with training_threads():
@@ -243,8 +303,9 @@ def training_threads(threads: int = 1) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-def _int8_scorer(model: nn.Module, calibration: torch.Tensor, settings: CompressionSettings,
-                 batch: int) -> tuple[Callable[[Predictor], float], float]:
+def _int8_scorer(
+    model: nn.Module, calibration: torch.Tensor, settings: CompressionSettings, batch: int
+) -> tuple[Callable[[Predictor], float], float]:
     """Agreement (%) with the original on calibration images, for int8's per-layer float fallback.
 
     NOTE: calibration images, not validation ones: choosing fallback layers on the validation split
@@ -252,7 +313,9 @@ def _int8_scorer(model: nn.Module, calibration: torch.Tensor, settings: Compress
     """
     images = calibration[:SCORE_SAMPLES]
     with torch.inference_mode():
-        expected = np.concatenate([model(images[i : i + batch]).argmax(1).numpy() for i in range(0, len(images), batch)])
+        expected = np.concatenate(
+            [model(images[i : i + batch]).argmax(1).numpy() for i in range(0, len(images), batch)]
+        )
 
     def score(predictor: Predictor) -> float:
         return float((predict_top1(predictor, images, batch) == expected).mean() * 100)

@@ -58,10 +58,13 @@ def choose(variants: list[Measured], budget: BudgetSettings) -> Choice:
     fastest = lambda pool: min(pool, key=lambda v: (v.latency_p95_ms, -_fidelity_key(v)))  # noqa: E731
     if accurate == [v for v in variants if v.name == ORIGINAL] and len(variants) > 1:
         if not within and budget.on_unmet == "fail":
-            raise BudgetUnmet("no compressed candidate is within the accuracy budget, and the original misses "
-                              f"p95 <= {budget.max_latency_ms} ms; on_unmet is 'fail'")
-        return Choice(ORIGINAL, "no compressed candidate is within the accuracy budget; serving the original",
-                      bool(within))
+            raise BudgetUnmet(
+                "no compressed candidate is within the accuracy budget, and the original misses "
+                f"p95 <= {budget.max_latency_ms} ms; on_unmet is 'fail'"
+            )
+        return Choice(
+            ORIGINAL, "no compressed candidate is within the accuracy budget; serving the original", bool(within)
+        )
     if within:
         if budget.objective == "fastest":
             best = fastest(within)
@@ -72,9 +75,17 @@ def choose(variants: list[Measured], budget: BudgetSettings) -> Choice:
     if budget.on_unmet == "fail":
         raise BudgetUnmet(f"no variant meets both the accuracy budget and {limit}; on_unmet is 'fail'")
     if budget.on_unmet == "original":
-        return Choice(ORIGINAL, f"BUDGET UNMET: no variant meets {limit} within the accuracy budget; "
-                                "on_unmet='original' serves the original", False)
+        return Choice(
+            ORIGINAL,
+            f"BUDGET UNMET: no variant meets {limit} within the accuracy budget; "
+            "on_unmet='original' serves the original",
+            False,
+        )
     best = fastest(accurate)
-    return Choice(best.name, f"BUDGET UNMET: no variant meets {limit} within the accuracy budget; "
-                             f"on_unmet='best_accuracy' serves the fastest within the accuracy budget "
-                             f"({best.latency_p95_ms:.2f} ms)", False)
+    return Choice(
+        best.name,
+        f"BUDGET UNMET: no variant meets {limit} within the accuracy budget; "
+        f"on_unmet='best_accuracy' serves the fastest within the accuracy budget "
+        f"({best.latency_p95_ms:.2f} ms)",
+        False,
+    )

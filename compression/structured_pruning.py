@@ -22,7 +22,6 @@ from compression.distillation import DistillSettings, check_kd_fields, distill
 from compression.errors import TechniqueError, check_float, check_int
 from compression.techniques import register
 
-
 # NOTE: with global pruning one layer could lose every channel; cap any single layer at 90%.
 _MAX_LAYER_RATIO = 0.9
 _TAYLOR_SAMPLES = 256
@@ -78,20 +77,35 @@ class ChannelPruneConfig:
             object.__setattr__(self, "ignored_layers", tuple(names))  # NOTE: JSON brings a list
         if self.round_to is not None:
             check_int("round_to", self.round_to, 1)
-        check_kd_fields(self.finetune_epochs, self.finetune_time_budget_s, self.temperature, self.alpha,
-                        self.lr, epochs_name="finetune_epochs", budget_name="finetune_time_budget_s")
+        check_kd_fields(
+            self.finetune_epochs,
+            self.finetune_time_budget_s,
+            self.temperature,
+            self.alpha,
+            self.lr,
+            epochs_name="finetune_epochs",
+            budget_name="finetune_time_budget_s",
+        )
 
     def distill_settings(self) -> DistillSettings:
-        return DistillSettings(max_epochs=self.finetune_epochs, time_budget_s=self.finetune_time_budget_s,
-                               temperature=self.temperature, alpha=self.alpha, lr=self.lr)
+        return DistillSettings(
+            max_epochs=self.finetune_epochs,
+            time_budget_s=self.finetune_time_budget_s,
+            temperature=self.temperature,
+            alpha=self.alpha,
+            lr=self.lr,
+        )
 
 
 def find_classifier(model: nn.Module, example: torch.Tensor) -> str:
     """Name of the last executed Linear/Conv whose output width equals the number of classes."""
     executed: list[str] = []
     names = {m: n for n, m in model.named_modules()}
-    hooks = [m.register_forward_hook(lambda mod, a, o: executed.append(names[mod]))
-             for m in model.modules() if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))]
+    hooks = [
+        m.register_forward_hook(lambda mod, a, o: executed.append(names[mod]))
+        for m in model.modules()
+        if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))
+    ]
     try:
         with torch.no_grad():
             num_classes = model(example[:1]).shape[1]
@@ -129,15 +143,20 @@ def _check_forward(model: nn.Module, example: torch.Tensor) -> None:
     """Run ``model`` once; on failure raise TechniqueError naming the last layer that ran."""
     names = {m: n for n, m in model.named_modules()}
     last: list[str] = []
-    hooks = [m.register_forward_hook(lambda mod, a, o: last.append(names[mod]))
-             for m in model.modules() if not list(m.children())]
+    hooks = [
+        m.register_forward_hook(lambda mod, a, o: last.append(names[mod]))
+        for m in model.modules()
+        if not list(m.children())
+    ]
     try:
         with torch.no_grad():
             model(example)
     except Exception as exc:  # noqa: BLE001 - any failure means the pruned graph is inconsistent
         after = f"after layer {last[-1]!r}" if last else "before any layer ran"
-        raise TechniqueError(f"pruned model fails {after} (torch-pruning could not follow a dependency, "
-                             f"e.g. a hard-coded reshape): {exc}") from exc
+        raise TechniqueError(
+            f"pruned model fails {after} (torch-pruning could not follow a dependency, "
+            f"e.g. a hard-coded reshape): {exc}"
+        ) from exc
     finally:
         for h in hooks:
             h.remove()
@@ -147,16 +166,21 @@ def _prune(model: nn.Module, config: ChannelPruneConfig, ctx: CompressionContext
     """Prune ``model`` in place."""
     spec = IMPORTANCES[config.importance]
     if spec.needs_batchnorm and not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
-        raise TechniqueError(f"importance {config.importance!r} needs BatchNorm layers; "
-                             "the model has none (folded?)")
+        raise TechniqueError(f"importance {config.importance!r} needs BatchNorm layers; the model has none (folded?)")
     example = ctx.example_inputs[:1].to(ctx.device)
     ignored = _resolve_ignored(model, config, example)
     names = {m: n for n, m in model.named_modules()}
     try:
         pruner = tp.pruner.BasePruner(
-            model, example, importance=spec.make(config.norm), global_pruning=config.global_pruning,
-            pruning_ratio=config.ratio, max_pruning_ratio=_MAX_LAYER_RATIO, ignored_layers=ignored,
-            round_to=config.round_to)
+            model,
+            example,
+            importance=spec.make(config.norm),
+            global_pruning=config.global_pruning,
+            pruning_ratio=config.ratio,
+            max_pruning_ratio=_MAX_LAYER_RATIO,
+            ignored_layers=ignored,
+            round_to=config.round_to,
+        )
     except Exception as exc:  # noqa: BLE001 - DepGraph tracing raises many types
         raise TechniqueError(f"torch-pruning cannot build the dependency graph: {exc}") from exc
     if spec.needs_gradients:
@@ -188,8 +212,9 @@ def apply_channel_prune(model: nn.Module, config: ChannelPruneConfig, ctx: Compr
     params1, macs1 = count_params(pruned), count_macs(pruned, example)
     if macs1 >= macs0:
         raise TechniqueError("channel_prune removed no channels (every layer ignored or unprunable)")
-    ctx.progress(f"channel_prune: params {params0} -> {params1}, MACs/image {macs0} -> {macs1} "
-                 f"({macs0 / macs1:.2f}x fewer)")
+    ctx.progress(
+        f"channel_prune: params {params0} -> {params1}, MACs/image {macs0} -> {macs1} ({macs0 / macs1:.2f}x fewer)"
+    )
     if config.finetune_epochs > 0:
         distill(pruned, ctx.teacher, ctx.calibration_inputs, config.distill_settings(), ctx)
     return pruned.eval()

@@ -40,10 +40,13 @@ class StudentConfig:
 
     def __post_init__(self) -> None:
         if not isinstance(self.architecture, str) or not is_known_architecture(self.architecture):
-            raise ValueError(f"unknown student architecture {self.architecture!r} "
-                             "(use 'digits', 'depthwise_separable' or a torchvision classification model)")
+            raise ValueError(
+                f"unknown student architecture {self.architecture!r} "
+                "(use 'digits', 'depthwise_separable' or a torchvision classification model)"
+            )
         if not isinstance(self.arch_kwargs, dict) or not all(
-                isinstance(k, str) and isinstance(v, _JSON_SCALARS) for k, v in self.arch_kwargs.items()):
+            isinstance(k, str) and isinstance(v, _JSON_SCALARS) for k, v in self.arch_kwargs.items()
+        ):
             raise ValueError(f"arch_kwargs must map names to JSON scalars, got {self.arch_kwargs!r}")
         object.__setattr__(self, "arch_kwargs", dict(self.arch_kwargs))  # NOTE: a private copy
         path = self.weights_path
@@ -54,9 +57,14 @@ class StudentConfig:
         check_kd_fields(self.epochs, self.time_budget_s, self.temperature, self.alpha, self.lr)
 
     def distill_settings(self) -> DistillSettings:
-        return DistillSettings(max_epochs=self.epochs, time_budget_s=self.time_budget_s,
-                               temperature=self.temperature, alpha=self.alpha, lr=self.lr,
-                               augment=self.augment)
+        return DistillSettings(
+            max_epochs=self.epochs,
+            time_budget_s=self.time_budget_s,
+            temperature=self.temperature,
+            alpha=self.alpha,
+            lr=self.lr,
+            augment=self.augment,
+        )
 
 
 def _load_weights(student: nn.Module, path: str) -> None:
@@ -76,8 +84,7 @@ def apply_student(model: nn.Module, config: StudentConfig, ctx: CompressionConte
     with torch.no_grad():
         teacher_out = teacher(example.to(next(teacher.parameters()).device))
     if teacher_out.ndim != 2:
-        raise TechniqueError("student needs (batch, classes) logits from the teacher, "
-                             f"got {tuple(teacher_out.shape)}")
+        raise TechniqueError(f"student needs (batch, classes) logits from the teacher, got {tuple(teacher_out.shape)}")
     in_channels, num_classes = example.shape[1], teacher_out.shape[1]
     # NOTE: seed the initialisation too, so one ctx.seed gives one student.
     with torch.random.fork_rng(devices=[]):
@@ -93,13 +100,13 @@ def apply_student(model: nn.Module, config: StudentConfig, ctx: CompressionConte
         with torch.no_grad():
             out = student(example[:2])
     except Exception as exc:  # noqa: BLE001
-        raise TechniqueError(f"student {config.architecture!r} cannot run on inputs of shape "
-                             f"{tuple(example.shape)}: {exc}") from exc
+        raise TechniqueError(
+            f"student {config.architecture!r} cannot run on inputs of shape {tuple(example.shape)}: {exc}"
+        ) from exc
     if tuple(out.shape) != (min(2, len(example)), num_classes):
         raise TechniqueError(f"student output shape {tuple(out.shape)} does not match the teacher's classes")
     ratio = count_params(student) / max(1, count_params(teacher))
-    ctx.progress(f"student {config.architecture}: {count_params(student)} params "
-                 f"({ratio:.1%} of the teacher)")
+    ctx.progress(f"student {config.architecture}: {count_params(student)} params ({ratio:.1%} of the teacher)")
     if config.weights_path is None and config.epochs > 0:
         distill(student.to(ctx.device), teacher, ctx.calibration_inputs, config.distill_settings(), ctx)
     if not all(math.isfinite(float(p.detach().abs().sum())) for p in student.parameters()):

@@ -44,8 +44,16 @@ class DepthwiseSeparableNet(nn.Module):
     faster and more accurate than ``stem_stride=1`` (98.0% vs 97.6-97.8% test top-1 after KD).
     """
 
-    def __init__(self, in_channels: int, num_classes: int, width_mult: float = 1.0, depth: int = 4,
-                 base_width: int = 16, max_width: int = 1024, stem_stride: int = 2):
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        width_mult: float = 1.0,
+        depth: int = 4,
+        base_width: int = 16,
+        max_width: int = 1024,
+        stem_stride: int = 2,
+    ):
         super().__init__()
         if in_channels < 1 or num_classes < 1:
             raise ValueError(f"in_channels and num_classes must be >= 1, got {in_channels}, {num_classes}")
@@ -107,5 +115,7 @@ def build_student(architecture: str, in_channels: int, num_classes: int, **kwarg
             return torchvision.models.get_model(architecture, weights=None, num_classes=num_classes, **kwargs)
         except TypeError as exc:
             raise ValueError(f"bad arch_kwargs for {architecture!r}: {exc}") from exc
-    raise ValueError(f"unknown student architecture {architecture!r} "
-                     f"(known: {sorted(_BUILDERS)} or a torchvision classification model name)")
+    raise ValueError(
+        f"unknown student architecture {architecture!r} "
+        f"(known: {sorted(_BUILDERS)} or a torchvision classification model name)"
+    )

@@ -26,7 +26,9 @@ _TRANSFORMS: dict[type, Transform] = {}
 _CONFIG_TYPES: dict[str, type] = {}
 
 
-def register(config_type: type[ConfigT]) -> Callable[[Callable[[nn.Module, ConfigT, CompressionContext], nn.Module]], Any]:
+def register(
+    config_type: type[ConfigT],
+) -> Callable[[Callable[[nn.Module, ConfigT, CompressionContext], nn.Module]], Any]:
     """Register ``transform`` as the implementation of ``config_type``."""
 
     def decorator(transform: Callable[[nn.Module, ConfigT, CompressionContext], nn.Module]) -> Any:

@@ -37,12 +37,24 @@ class MagnitudePruneConfig:
 
     def __post_init__(self) -> None:
         check_float("sparsity", self.sparsity, 0.0, 1.0, low_open=True, high_open=True)
-        check_kd_fields(self.finetune_epochs, self.finetune_time_budget_s, self.temperature, self.alpha,
-                        self.lr, epochs_name="finetune_epochs", budget_name="finetune_time_budget_s")
+        check_kd_fields(
+            self.finetune_epochs,
+            self.finetune_time_budget_s,
+            self.temperature,
+            self.alpha,
+            self.lr,
+            epochs_name="finetune_epochs",
+            budget_name="finetune_time_budget_s",
+        )
 
     def distill_settings(self) -> DistillSettings:
-        return DistillSettings(max_epochs=self.finetune_epochs, time_budget_s=self.finetune_time_budget_s,
-                               temperature=self.temperature, alpha=self.alpha, lr=self.lr)
+        return DistillSettings(
+            max_epochs=self.finetune_epochs,
+            time_budget_s=self.finetune_time_budget_s,
+            temperature=self.temperature,
+            alpha=self.alpha,
+            lr=self.lr,
+        )
 
 
 @torch.no_grad()
@@ -55,8 +67,7 @@ def global_threshold(weights: list[torch.Tensor], target: float) -> float:
 
 
 @register(MagnitudePruneConfig)
-def apply_magnitude_prune(model: nn.Module, config: MagnitudePruneConfig,
-                          ctx: CompressionContext) -> nn.Module:
+def apply_magnitude_prune(model: nn.Module, config: MagnitudePruneConfig, ctx: CompressionContext) -> nn.Module:
     pruned = copy.deepcopy(model).eval()
     weights = prunable_weights(pruned)
     if not weights:
@@ -71,6 +82,7 @@ def apply_magnitude_prune(model: nn.Module, config: MagnitudePruneConfig,
             masks[w] = keep
     ctx.progress(f"magnitude_prune: threshold {threshold:.4g}, sparsity {sparsity(pruned):.2%}")
     if config.finetune_epochs > 0:
+
         def mask_gradients(student: nn.Module) -> None:
             # NOTE: zero gradient from the first step means Adam's moments stay zero there too, and
             # decoupled weight decay of a zero weight is zero: pruned weights never move.
@@ -78,7 +90,6 @@ def apply_magnitude_prune(model: nn.Module, config: MagnitudePruneConfig,
                 if param.grad is not None:
                     param.grad.mul_(keep)
 
-        distill(pruned, ctx.teacher, ctx.calibration_inputs, config.distill_settings(), ctx,
-                before_step=mask_gradients)
+        distill(pruned, ctx.teacher, ctx.calibration_inputs, config.distill_settings(), ctx, before_step=mask_gradients)
         ctx.progress(f"magnitude_prune: sparsity after fine-tuning {sparsity(pruned):.2%}")
     return pruned

@@ -23,8 +23,8 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from protos import DESCRIPTOR_POOL, classifier_pb2, classifier_pb2_grpc, grpc_service_pb2, grpc_service_pb2_grpc
-from server.classify_servicer import ClassifierServicer
 from server.batching import Forward
+from server.classify_servicer import ClassifierServicer
 from server.dataplane import DataPlane
 from server.images import ImagePreprocessor
 from server.kserve_servicer import KServeServicer
@@ -32,8 +32,8 @@ from server.loading import load_model
 from server.metrics import MetricsEndpoint, ServerMetrics
 from server.registry import ORIGINAL, ModelRegistry, ServedModel
 from server.runners import original_predictor
-from server.variants import CompressedVariants
 from server.settings import DeployConfig, ModelSettings
+from server.variants import CompressedVariants
 
 log = logging.getLogger("slimserve.app")
 
@@ -54,9 +54,7 @@ class SlimServer:
         # NOTE: one inference thread: torch already uses every core inside a forward pass, and a single
         # thread lets the next batch gather while the current one runs.
         self._inference_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
-        self._decode_pool = ThreadPoolExecutor(
-            max_workers=config.server.decode_threads, thread_name_prefix="decode"
-        )
+        self._decode_pool = ThreadPoolExecutor(max_workers=config.server.decode_threads, thread_name_prefix="decode")
         self.registry = ModelRegistry(self.metrics, self._inference_pool)
         self.plane = DataPlane(self.registry, self.metrics, self._decode_pool)
         self.compressed = CompressedVariants(config, self.registry, self._inference_pool, _warm_up)
@@ -131,8 +129,11 @@ class SlimServer:
                 f"cannot listen for metrics on {_address(metrics_host, server_settings.metrics_port)}: {exc}"
             ) from exc
         await self._grpc.start()
-        log.info("gRPC listening on %s, metrics on http://%s/metrics",
-                 _address(server_settings.host, self.grpc_port), _address(metrics_host, self.metrics_port))
+        log.info(
+            "gRPC listening on %s, metrics on http://%s/metrics",
+            _address(server_settings.host, self.grpc_port),
+            _address(metrics_host, self.metrics_port),
+        )
 
     async def _load(self, settings: ModelSettings) -> None:
         started = time.perf_counter()
@@ -148,8 +149,9 @@ class SlimServer:
         self.registry.add_variant(model, ORIGINAL, forward)
         seconds = time.perf_counter() - started
         self.metrics.load_seconds.labels(model.name, ORIGINAL).set(seconds)
-        log.info("model %r variant %r warm after %.2f s (max batch %d)",
-                 model.name, ORIGINAL, seconds, model.max_batch_size)
+        log.info(
+            "model %r variant %r warm after %.2f s (max batch %d)", model.name, ORIGINAL, seconds, model.max_batch_size
+        )
         await self.compressed.attach(model, loaded)
 
     async def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType) -> None:

@@ -171,8 +171,9 @@ class DynamicBatcher:
             outputs = await loop.run_in_executor(self._executor, self._forward_rows, [p.inputs for p in batch])
         except Exception as exc:  # noqa: BLE001 - every caller of this batch must hear about it
             log.exception("forward pass failed for a batch of %d requests", len(batch))
-            self._on_batch(BatchRecord(sum(p.inputs.shape[0] for p in batch), len(batch),
-                                       time.perf_counter() - started, False))
+            self._on_batch(
+                BatchRecord(sum(p.inputs.shape[0] for p in batch), len(batch), time.perf_counter() - started, False)
+            )
             for pending in batch:
                 if not pending.future.done():
                     pending.future.set_exception(exc)
@@ -184,8 +185,9 @@ class DynamicBatcher:
             rows = pending.inputs.shape[0]
             if not pending.future.done():
                 pending.future.set_result(
-                    BatchResult(outputs[offset : offset + rows], started - pending.enqueued_at, compute,
-                                outputs.shape[0])
+                    BatchResult(
+                        outputs[offset : offset + rows], started - pending.enqueued_at, compute, outputs.shape[0]
+                    )
                 )
             offset += rows
 

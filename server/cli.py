@@ -41,9 +41,7 @@ def resolve_config(args: argparse.Namespace) -> DeployConfig:
     """The deploy config with command-line overrides applied (flags win over the file)."""
     config = load_config(args.config) if args.config else default_config()
     overrides = {
-        key: value
-        for key in ("host", "grpc_port", "metrics_port")
-        if (value := getattr(args, key, None)) is not None
+        key: value for key in ("host", "grpc_port", "metrics_port") if (value := getattr(args, key, None)) is not None
     }
     if overrides:
         server = config.server.model_validate({**config.server.model_dump(), **overrides})

@@ -31,8 +31,9 @@ def run_compress(config: DeployConfig, only: str | None, out: Path | None) -> in
     for settings in models:
         loaded = load_model(settings, config.resolved_cache_dir())
         try:
-            entry = compress(settings, loaded, config.resolved_cache_dir(),
-                             max_image_pixels=config.server.max_image_pixels)
+            entry = compress(
+                settings, loaded, config.resolved_cache_dir(), max_image_pixels=config.server.max_image_pixels
+            )
         except BudgetUnmet as exc:
             log.error("model %r: %s", settings.name, exc)
             status = EXIT_BUDGET_UNMET

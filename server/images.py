@@ -64,8 +64,7 @@ class ImagePreprocessor:
             raise InvalidArgument(
                 f"image {index} is not a {' or '.join(ALLOWED_FORMATS)} image ({len(data)} bytes)"
             ) from None
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError,
-                Image.DecompressionBombWarning) as exc:
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
             raise InvalidArgument(f"image {index} cannot be decoded (corrupt or truncated): {exc}") from None
         return image.convert(self._mode) if image.mode != self._mode else image
 

@@ -32,9 +32,7 @@ def parse_inputs(request: pb.ModelInferRequest, model: ServedModel) -> np.ndarra
     """The request's one input tensor as (batch, C, H, W) float32, viewed without copying when raw."""
     if len(request.inputs) != 1 or request.inputs[0].name != INPUT_NAME:
         names = [t.name for t in request.inputs]
-        raise InvalidArgument(
-            f"model {model.name!r} takes exactly one input named {INPUT_NAME!r}, got {names}"
-        )
+        raise InvalidArgument(f"model {model.name!r} takes exactly one input named {INPUT_NAME!r}, got {names}")
     tensor = request.inputs[0]
     what = f"input {INPUT_NAME!r}"
     if tensor.datatype != INPUT_DATATYPE:
@@ -47,9 +45,7 @@ def parse_inputs(request: pb.ModelInferRequest, model: ServedModel) -> np.ndarra
         raise InvalidArgument(f"{what}: batch size {shape[0]} is outside 1..{model.max_batch_size}")
     if request.raw_input_contents:
         if len(request.raw_input_contents) != 1:
-            raise InvalidArgument(
-                f"{len(request.raw_input_contents)} raw_input_contents entries for 1 input"
-            )
+            raise InvalidArgument(f"{len(request.raw_input_contents)} raw_input_contents entries for 1 input")
         return array_from_raw(request.raw_input_contents[0], INPUT_DATATYPE, shape, what)
     field = TYPED_CONTENTS_FIELD[INPUT_DATATYPE]
     return array_from_typed(getattr(tensor.contents, field), INPUT_DATATYPE, shape, what)

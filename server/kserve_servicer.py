@@ -33,13 +33,19 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     # --- health and metadata ---------------------------------------------------------------------
 
-    async def ServerLive(self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext) -> pb.ServerLiveResponse:
+    async def ServerLive(
+        self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=True)
 
-    async def ServerReady(self, request: pb.ServerReadyRequest, context: grpc.aio.ServicerContext) -> pb.ServerReadyResponse:
+    async def ServerReady(
+        self, request: pb.ServerReadyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ServerReadyResponse:
         return pb.ServerReadyResponse(ready=self._is_ready())
 
-    async def ModelReady(self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext) -> pb.ModelReadyResponse:
+    async def ModelReady(
+        self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelReadyResponse:
         model = next((m for m in self.plane.registry.models() if m.name == request.name), None)
         ready = self._is_ready() and model is not None and model.has_version(request.version)
         return pb.ModelReadyResponse(ready=ready)
@@ -65,7 +71,9 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         )
 
     @aborts_on_error
-    async def ModelConfig(self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext) -> pb.ModelConfigResponse:
+    async def ModelConfig(
+        self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelConfigResponse:
         model = self.plane.registry.get(request.name)
         variant = model.resolve(request.version)
         return pb.ModelConfigResponse(config=_model_config(model, variant.properties))
@@ -119,8 +127,9 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
             except Exception as exc:  # noqa: BLE001 - reported on the stream, the stream goes on
                 code, message = status_for(exc)
                 track.finish(code)
-                echo = pb.ModelInferResponse(model_name=request.model_name, model_version=request.model_version,
-                                             id=request.id)
+                echo = pb.ModelInferResponse(
+                    model_name=request.model_name, model_version=request.model_version, id=request.id
+                )
                 await responses.put(pb.ModelStreamInferResponse(error_message=message, infer_response=echo))
                 return
             track.finish(grpc.StatusCode.OK)
@@ -196,9 +205,7 @@ def _model_config(model: ServedModel, properties: dict[str, str]) -> mc.ModelCon
         max_batch_size=batching.max_batch_size,
         input=[mc.ModelInput(name=INPUT_NAME, data_type=mc.TYPE_FP32, dims=list(model.input_shape))],
         output=[mc.ModelOutput(name=OUTPUT_NAME, data_type=mc.TYPE_FP32, dims=[model.num_classes])],
-        dynamic_batching=mc.ModelDynamicBatching(
-            max_queue_delay_microseconds=int(batching.max_queue_delay_ms * 1000)
-        ),
+        dynamic_batching=mc.ModelDynamicBatching(max_queue_delay_microseconds=int(batching.max_queue_delay_ms * 1000)),
         instance_group=[group],
         parameters={k: mc.ModelParameter(string_value=v) for k, v in parameters.items()},
     )

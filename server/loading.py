@@ -56,7 +56,11 @@ def load_model(settings: ModelSettings, cache_dir: Path) -> LoadedModel:
     seconds = time.perf_counter() - started
     log.info(
         "loaded model %r (%s) in %.2f s: input %s, %d classes",
-        settings.name, settings.source.format, seconds, list(input_shape), num_classes,
+        settings.name,
+        settings.source.format,
+        seconds,
+        list(input_shape),
+        num_classes,
     )
     return LoadedModel(module, labels, input_shape, num_classes, seconds, source_file)
 
@@ -121,7 +125,9 @@ def _load_python(settings: ModelSettings, source: PythonSource) -> nn.Module:
     try:
         factory = getattr(importlib.import_module(module_name), attribute)
     except (ImportError, AttributeError) as exc:
-        raise ModelLoadError(f"model {settings.name!r}: cannot import source.factory {source.factory!r}: {exc}") from exc
+        raise ModelLoadError(
+            f"model {settings.name!r}: cannot import source.factory {source.factory!r}: {exc}"
+        ) from exc
     model = factory(**source.kwargs)
     if not isinstance(model, nn.Module):
         raise ModelLoadError(f"model {settings.name!r}: {source.factory} returned {type(model).__name__}, not a Module")
@@ -130,7 +136,9 @@ def _load_python(settings: ModelSettings, source: PythonSource) -> nn.Module:
         try:
             model.load_state_dict(_read_state_dict(source.weights))
         except RuntimeError as exc:
-            raise ModelLoadError(f"model {settings.name!r}: {source.weights} does not fit {source.factory}: {exc}") from exc
+            raise ModelLoadError(
+                f"model {settings.name!r}: {source.weights} does not fit {source.factory}: {exc}"
+            ) from exc
     return model
 
 
@@ -139,8 +147,7 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - the unpickler raises many types
         raise ModelLoadError(
-            f"{path} is not a state_dict that loads with weights_only=True "
-            f"(full pickled models are refused): {exc}"
+            f"{path} is not a state_dict that loads with weights_only=True (full pickled models are refused): {exc}"
         ) from exc
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
@@ -175,9 +182,7 @@ def _load_labels(settings: ModelSettings, num_classes: int) -> list[str]:
     else:
         return [str(i) for i in range(num_classes)]
     if len(labels) != num_classes:
-        raise ModelLoadError(
-            f"model {settings.name!r} has {num_classes} outputs but {len(labels)} labels were given"
-        )
+        raise ModelLoadError(f"model {settings.name!r} has {num_classes} outputs but {len(labels)} labels were given")
     return labels
 
 

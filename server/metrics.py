@@ -14,8 +14,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 
 from server.batching import BatchRecord
 
-LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0,
-                   2.5, 5.0, 10.0)
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 VARIANT = ("model", "variant")
 
@@ -25,37 +24,62 @@ class ServerMetrics:
         self.registry = registry or CollectorRegistry()
         r = self.registry
         self.requests = Counter(
-            "slimserve_requests", "Inference requests by outcome (gRPC status code name).",
-            [*VARIANT, "method", "code"], registry=r,
+            "slimserve_requests",
+            "Inference requests by outcome (gRPC status code name).",
+            [*VARIANT, "method", "code"],
+            registry=r,
         )
         self.request_duration = Histogram(
-            "slimserve_request_duration_seconds", "Time from receiving a request to sending its response.",
-            [*VARIANT, "method"], buckets=LATENCY_BUCKETS, registry=r,
+            "slimserve_request_duration_seconds",
+            "Time from receiving a request to sending its response.",
+            [*VARIANT, "method"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.queue_duration = Histogram(
-            "slimserve_queue_duration_seconds", "Time a request waited for its batch to start.",
-            VARIANT, buckets=LATENCY_BUCKETS, registry=r,
+            "slimserve_queue_duration_seconds",
+            "Time a request waited for its batch to start.",
+            VARIANT,
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.compute_duration = Histogram(
-            "slimserve_compute_duration_seconds", "Time of one batched forward pass (assembly included).",
-            VARIANT, buckets=LATENCY_BUCKETS, registry=r,
+            "slimserve_compute_duration_seconds",
+            "Time of one batched forward pass (assembly included).",
+            VARIANT,
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.batch_size = Histogram(
-            "slimserve_batch_size", "Rows per forward pass.", VARIANT, buckets=BATCH_BUCKETS, registry=r,
+            "slimserve_batch_size",
+            "Rows per forward pass.",
+            VARIANT,
+            buckets=BATCH_BUCKETS,
+            registry=r,
         )
         self.inferences = Counter(
-            "slimserve_inferences", "Rows (images) run through the model.", VARIANT, registry=r,
+            "slimserve_inferences",
+            "Rows (images) run through the model.",
+            VARIANT,
+            registry=r,
         )
         self.inflight = Gauge(
-            "slimserve_inflight_requests", "Requests received and not yet answered.", VARIANT, registry=r,
+            "slimserve_inflight_requests",
+            "Requests received and not yet answered.",
+            VARIANT,
+            registry=r,
         )
         self.load_seconds = Gauge(
-            "slimserve_model_load_duration_seconds", "Time to load (and warm up) a model variant.",
-            VARIANT, registry=r,
+            "slimserve_model_load_duration_seconds",
+            "Time to load (and warm up) a model variant.",
+            VARIANT,
+            registry=r,
         )
         self.active = Gauge(
-            "slimserve_variant_active", "1 for the variant that answers requests by default, else 0.",
-            VARIANT, registry=r,
+            "slimserve_variant_active",
+            "1 for the variant that answers requests by default, else 0.",
+            VARIANT,
+            registry=r,
         )
 
     def record_batch(self, model: str, variant: str, record: BatchRecord) -> None:

@@ -13,5 +13,10 @@ from server.settings import ModelSettings
 def original_predictor(loaded: LoadedModel, settings: ModelSettings) -> Predictor:
     """Run the loaded module eagerly on the model's device; CPU float32 batches in, logits out."""
     device = torch.device(settings.device)
-    return EagerPredictor(loaded.module.eval().to(device), precision="fp32", device=device,
-                          input_shape=loaded.input_shape, max_batch_size=settings.batching.max_batch_size)
+    return EagerPredictor(
+        loaded.module.eval().to(device),
+        precision="fp32",
+        device=device,
+        input_shape=loaded.input_shape,
+        max_batch_size=settings.batching.max_batch_size,
+    )

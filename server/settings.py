@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from compression.settings import CompressionSettings
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from compression.settings import CompressionSettings
 
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 
@@ -183,9 +184,7 @@ def default_config() -> DeployConfig:
         name="digits",
         source=BuiltinSource(),
         labels=list(LABELS),
-        preprocessing=PreprocessingSettings(
-            channels=1, resize=IMAGE_SIZE, crop=IMAGE_SIZE, mean=MEAN, std=STD
-        ),
+        preprocessing=PreprocessingSettings(channels=1, resize=IMAGE_SIZE, crop=IMAGE_SIZE, mean=MEAN, std=STD),
         compression=CompressionSettings(),
     )
     return DeployConfig(models=[digits])
@@ -231,7 +230,13 @@ def _resolve_paths(config: DeployConfig, base: Path) -> DeployConfig:
         if compression is not None and compression.data.path is not None:
             data = compression.data.model_copy(update={"path": resolve(compression.data.path)})
             compression = compression.model_copy(update={"data": data})
-        models.append(model.model_copy(update={
-            "source": source, "labels_file": resolve(model.labels_file), "compression": compression,
-        }))
+        models.append(
+            model.model_copy(
+                update={
+                    "source": source,
+                    "labels_file": resolve(model.labels_file),
+                    "compression": compression,
+                }
+            )
+        )
     return config.model_copy(update={"models": models, "cache_dir": resolve(config.cache_dir)})

@@ -46,9 +46,7 @@ class InferenceStats:
         self.last_inference_ms = int(time.time() * 1000)
         self.batches[record.batch_size].add(record.compute_seconds)
 
-    def record_success(
-        self, total_s: float, queue_s: float, input_s: float, infer_s: float, output_s: float
-    ) -> None:
+    def record_success(self, total_s: float, queue_s: float, input_s: float, infer_s: float, output_s: float) -> None:
         self.success.add(total_s)
         self.queue.add(queue_s)
         self.compute_input.add(input_s)

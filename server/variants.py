@@ -49,8 +49,7 @@ def variant_properties(report: VariantReport, entry: CompressedEntry) -> dict[st
 
 
 class CompressedVariants:
-    def __init__(self, config: DeployConfig, registry: ModelRegistry, executor: Executor,
-                 warm_up: object) -> None:
+    def __init__(self, config: DeployConfig, registry: ModelRegistry, executor: Executor, warm_up: object) -> None:
         self._config = config
         self._registry = registry
         self._executor = executor
@@ -92,8 +91,9 @@ class CompressedVariants:
         await asyncio.gather(*list(self._tasks), return_exceptions=True)
 
     async def _search_then_activate(self, model: ServedModel, loaded: LoadedModel) -> None:
-        log.info("model %r: no cached compression result; searching in a child process while the original "
-                 "serves", model.name)
+        log.info(
+            "model %r: no cached compression result; searching in a child process while the original serves", model.name
+        )
         try:
             code = await self._run_child(model.name)
             entry = await asyncio.to_thread(cached_entry, model.settings, loaded, self._config.resolved_cache_dir())
@@ -112,8 +112,16 @@ class CompressedVariants:
             config_path = Path(handle.name)
         try:
             child = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "server.cli", "compress", "--config", str(config_path), "--model", model_name,
-                "--log-level", logging.getLevelName(logging.getLogger().getEffectiveLevel()),
+                sys.executable,
+                "-m",
+                "server.cli",
+                "compress",
+                "--config",
+                str(config_path),
+                "--model",
+                model_name,
+                "--log-level",
+                logging.getLevelName(logging.getLogger().getEffectiveLevel()),
                 # NOTE: the search competes with serving for the same cores; serving keeps priority.
                 preexec_fn=lambda: os.nice(SEARCH_NICENESS),
             )
@@ -134,14 +142,24 @@ class CompressedVariants:
         device = model.settings.device
         predictor = await asyncio.to_thread(load_predictor, artifact, device)
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._executor, self._warm_up, predictor, model.input_shape,  # type: ignore[arg-type]
-                                   model.max_batch_size)
+        await loop.run_in_executor(
+            self._executor,
+            self._warm_up,
+            predictor,
+            model.input_shape,  # type: ignore[arg-type]
+            model.max_batch_size,
+        )
         chosen = report.variant(report.chosen)
         self._registry.add_variant(model, report.chosen, predictor, variant_properties(chosen, entry))
         model.aliases[COMPRESSED_ALIAS] = report.chosen
         self._registry.set_default(model, report.chosen)
         if not report.budget_met:
             log.warning("model %r: %s", model.name, report.reason)
-        log.info("model %r: serving %r (p95 %.2f ms vs original %.2f ms, top-1 drop %s pt)", model.name,
-                 report.chosen, chosen.latency_p95_ms or 0, report.original.latency_p95_ms or 0,
-                 f"{chosen.top1_drop:.2f}" if chosen.top1_drop is not None else "n/a")
+        log.info(
+            "model %r: serving %r (p95 %.2f ms vs original %.2f ms, top-1 drop %s pt)",
+            model.name,
+            report.chosen,
+            chosen.latency_p95_ms or 0,
+            report.original.latency_p95_ms or 0,
+            f"{chosen.top1_drop:.2f}" if chosen.top1_drop is not None else "n/a",
+        )

@@ -157,9 +157,7 @@ def train(config: TrainConfig = DEFAULT_CONFIG) -> DigitsNet:
             model = _fit(config, splits["train"], splits["val"])
     finally:
         torch.set_num_threads(previous_threads)
-    log.info(
-        "final val_acc=%.4f test_acc=%.4f", evaluate(model, splits["val"]), evaluate(model, splits["test"])
-    )
+    log.info("final val_acc=%.4f test_acc=%.4f", evaluate(model, splits["val"]), evaluate(model, splits["test"]))
     return model
 
 

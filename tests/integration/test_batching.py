@@ -5,7 +5,6 @@ from __future__ import annotations
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
-import numpy as np
 import tritonclient.grpc as triton
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -41,14 +40,19 @@ def test_64_concurrent_requests_share_batches(digits_server: ServerThread) -> No
     batches = after["slimserve_batch_size"]
     labels_ = {"model": "digits", "variant": "original"}
     rows = sample_value(batches, "slimserve_batch_size_sum", **labels_) - sample_value(
-        before, "slimserve_batch_size_sum", **labels_)
+        before, "slimserve_batch_size_sum", **labels_
+    )
     passes = sample_value(batches, "slimserve_batch_size_count", **labels_) - sample_value(
-        before, "slimserve_batch_size_count", **labels_)
+        before, "slimserve_batch_size_count", **labels_
+    )
     singles = sample_value(batches, "slimserve_batch_size_bucket", le="1.0", **labels_) - sample_value(
-        before, "slimserve_batch_size_bucket", le="1.0", **labels_)
+        before, "slimserve_batch_size_bucket", le="1.0", **labels_
+    )
     assert rows == 64
     assert passes < 64 and singles < passes, f"{passes} forward passes for 64 requests, {singles} of size 1"
     requests = after["slimserve_requests"]
     assert sample_value(requests, "slimserve_requests_total", method="ModelInfer", code="OK") >= 64
-    assert sample_value(after["slimserve_model_load_duration_seconds"],
-                        "slimserve_model_load_duration_seconds", **labels_) > 0
+    assert (
+        sample_value(after["slimserve_model_load_duration_seconds"], "slimserve_model_load_duration_seconds", **labels_)
+        > 0
+    )

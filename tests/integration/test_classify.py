@@ -45,7 +45,9 @@ def test_classify_png_digits_accuracy(classifier: classifier_pb2_grpc.Classifier
 
 def test_classify_default_top_k_and_pinned_variant(classifier: classifier_pb2_grpc.ClassifierStub) -> None:
     png = encode_png(load_splits()["test"].images[0])
-    response = classifier.Classify(classifier_pb2.ClassifyRequest(model_name="digits", images=[png], variant="original"))
+    response = classifier.Classify(
+        classifier_pb2.ClassifyRequest(model_name="digits", images=[png], variant="original")
+    )
     assert response.variant == "original"
     assert len(response.results[0].classes) == 5
     assert sum(c.score for c in response.results[0].classes) <= 1.0 + 1e-5

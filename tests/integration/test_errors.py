@@ -36,8 +36,9 @@ def good_infer(client: triton.InferenceServerClient) -> None:
     assert client.infer("digits", [tensor]).as_numpy("logits").argmax() == split.labels[0]
 
 
-def infer_error(client: triton.InferenceServerClient, model: str, array: np.ndarray, datatype: str = "FP32",
-                **kwargs: object) -> InferenceServerException:
+def infer_error(
+    client: triton.InferenceServerClient, model: str, array: np.ndarray, datatype: str = "FP32", **kwargs: object
+) -> InferenceServerException:
     tensor = triton.InferInput(kwargs.pop("name", "input"), list(array.shape), datatype)  # type: ignore[arg-type]
     tensor.set_data_from_numpy(array)
     with pytest.raises(InferenceServerException) as info:
@@ -46,8 +47,9 @@ def infer_error(client: triton.InferenceServerClient, model: str, array: np.ndar
     return info.value
 
 
-def classify_error(classifier: classifier_pb2_grpc.ClassifierStub, images: list[bytes],
-                   model: str = "digits", **fields: object) -> grpc.RpcError:
+def classify_error(
+    classifier: classifier_pb2_grpc.ClassifierStub, images: list[bytes], model: str = "digits", **fields: object
+) -> grpc.RpcError:
     with pytest.raises(grpc.RpcError) as info:
         classifier.Classify(classifier_pb2.ClassifyRequest(model_name=model, images=images, **fields))
     png = encode_png(load_splits()["test"].images[0])
@@ -69,8 +71,15 @@ ZEROS = np.zeros((1, 1, 28, 28), np.float32)
         ("batch too large", "digits", np.zeros((1000, 1, 28, 28), np.float32), "FP32", "INVALID_ARGUMENT", "batch"),
     ],
 )
-def test_infer_rejections(client: triton.InferenceServerClient, case: str, model: str, array: np.ndarray,
-                          datatype: str, status: str, fragment: str) -> None:
+def test_infer_rejections(
+    client: triton.InferenceServerClient,
+    case: str,
+    model: str,
+    array: np.ndarray,
+    datatype: str,
+    status: str,
+    fragment: str,
+) -> None:
     error = infer_error(client, model, array, datatype)
     assert error.status() == f"StatusCode.{status}", case
     assert fragment in error.message(), error.message()
@@ -95,8 +104,9 @@ def test_unknown_output_and_bad_classification(client: triton.InferenceServerCli
     assert error.status() == "StatusCode.INVALID_ARGUMENT" and "classification" in error.message()
 
 
-def test_raw_contents_byte_length_mismatch(kserve: grpc_service_pb2_grpc.GRPCInferenceServiceStub,
-                                           client: triton.InferenceServerClient) -> None:
+def test_raw_contents_byte_length_mismatch(
+    kserve: grpc_service_pb2_grpc.GRPCInferenceServiceStub, client: triton.InferenceServerClient
+) -> None:
     request = grpc_service_pb2.ModelInferRequest(model_name="digits")
     request.inputs.add(name="input", datatype="FP32", shape=[1, 1, 28, 28])
     request.raw_input_contents.append(b"\0" * 100)
@@ -127,8 +137,9 @@ def test_typed_contents_are_accepted(kserve: grpc_service_pb2_grpc.GRPCInference
         ("no images", [], "no images"),
     ],
 )
-def test_classify_rejections(classifier: classifier_pb2_grpc.ClassifierStub, case: str, images: list[bytes],
-                             fragment: str) -> None:
+def test_classify_rejections(
+    classifier: classifier_pb2_grpc.ClassifierStub, case: str, images: list[bytes], fragment: str
+) -> None:
     error = classify_error(classifier, images)
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, case
     assert fragment in error.details(), error.details()

@@ -7,7 +7,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
 import pytest
 import tritonclient.grpc as triton
 
@@ -31,11 +30,13 @@ def seed_trained_digits(cache_dir: Path) -> None:
 
 def digits_config(cache_dir: Path) -> DeployConfig:
     """Digits with a one-candidate search, caching under ``cache_dir``."""
-    compression = CompressionSettings.model_validate({
-        "data": {"calibration_size": 256, "validation_size": 200},
-        "measurement": {"warmup": 3, "iterations": 20},
-        "candidates": [{"name": CHOSEN, "realization": {"runtime": "onnxruntime", "precision": "int8"}}],
-    })
+    compression = CompressionSettings.model_validate(
+        {
+            "data": {"calibration_size": 256, "validation_size": 200},
+            "measurement": {"warmup": 3, "iterations": 20},
+            "candidates": [{"name": CHOSEN, "realization": {"runtime": "onnxruntime", "precision": "int8"}}],
+        }
+    )
     config = default_config()
     model = config.models[0].model_copy(update={"compression": compression})
     return config.model_copy(update={"models": [model], "cache_dir": cache_dir})

@@ -24,8 +24,9 @@ def test_split() -> tuple[np.ndarray, np.ndarray]:
     return normalize(split.images), split.labels
 
 
-def infer(client: triton.InferenceServerClient, batch: np.ndarray, outputs: list | None = None,
-          **kwargs: object) -> triton.InferResult:
+def infer(
+    client: triton.InferenceServerClient, batch: np.ndarray, outputs: list | None = None, **kwargs: object
+) -> triton.InferResult:
     tensor = triton.InferInput("input", list(batch.shape), "FP32")
     tensor.set_data_from_numpy(batch)
     return client.infer(MODEL, [tensor], outputs=outputs, **kwargs)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -18,20 +16,38 @@ from tests.serving import running_server
 pytestmark = pytest.mark.slow
 
 EVERY_TECHNIQUE = [
-    {"name": "bn-fold-onnxruntime", "steps": [{"technique": "bn_fold"}],
-     "realization": {"runtime": "onnxruntime", "precision": "fp32"}},
+    {
+        "name": "bn-fold-onnxruntime",
+        "steps": [{"technique": "bn_fold"}],
+        "realization": {"runtime": "onnxruntime", "precision": "fp32"},
+    },
     {"name": "int8-onnxruntime", "realization": {"runtime": "onnxruntime", "precision": "int8"}},
     {"name": "int8-compiled", "realization": {"runtime": "inductor", "precision": "int8"}},
-    {"name": "pruned", "steps": [{"technique": "channel_prune", "ratio": 0.5, "finetune_epochs": 1}],
-     "realization": {"runtime": "eager", "precision": "fp32"}},
-    {"name": "student", "steps": [{"technique": "student", "architecture": "depthwise_separable", "epochs": 1}],
-     "realization": {"runtime": "onnxruntime", "precision": "fp32"}},
-    {"name": "sparse", "steps": [{"technique": "magnitude_prune", "sparsity": 0.5}],
-     "realization": {"runtime": "eager", "precision": "fp32"}},
-    {"name": "clustered", "steps": [{"technique": "weight_cluster", "bits": 4}],
-     "realization": {"runtime": "eager", "precision": "fp32"}},
-    {"name": "clipped", "steps": [{"technique": "weight_clip", "percentile": 99.0}],
-     "realization": {"runtime": "eager", "precision": "bf16"}},
+    {
+        "name": "pruned",
+        "steps": [{"technique": "channel_prune", "ratio": 0.5, "finetune_epochs": 1}],
+        "realization": {"runtime": "eager", "precision": "fp32"},
+    },
+    {
+        "name": "student",
+        "steps": [{"technique": "student", "architecture": "depthwise_separable", "epochs": 1}],
+        "realization": {"runtime": "onnxruntime", "precision": "fp32"},
+    },
+    {
+        "name": "sparse",
+        "steps": [{"technique": "magnitude_prune", "sparsity": 0.5}],
+        "realization": {"runtime": "eager", "precision": "fp32"},
+    },
+    {
+        "name": "clustered",
+        "steps": [{"technique": "weight_cluster", "bits": 4}],
+        "realization": {"runtime": "eager", "precision": "fp32"},
+    },
+    {
+        "name": "clipped",
+        "steps": [{"technique": "weight_clip", "percentile": 99.0}],
+        "realization": {"runtime": "eager", "precision": "bf16"},
+    },
 ]
 
 
@@ -42,23 +58,35 @@ def config(tmp_path_factory: pytest.TempPathFactory) -> DeployConfig:
     images = torch.randn(300, 3, 32, 32)
     torch.save(calibrated(OddNet(), images).state_dict(), root / "oddnet.pt")
     torch.save({"images": images}, root / "data.pt")  # no labels: fidelity is agreement
-    return DeployConfig.model_validate({
-        "cache_dir": str(root / "cache"),
-        "models": [{
-            "name": "oddnet",
-            "source": {"format": "python", "factory": "tests.models:OddNet", "weights": str(root / "oddnet.pt")},
-            "labels": ["a", "b", "c", "d", "e"],
-            "preprocessing": {"channels": 3, "resize": 32, "crop": 32},
-            "batching": {"max_batch_size": 8},
-            "compression": {
-                "budget": {"max_accuracy_drop": None, "min_agreement": 0.5},
-                "data": {"source": "tensor_file", "path": str(root / "data.pt"), "calibration_size": 200,
-                         "validation_size": 100},
-                "measurement": {"warmup": 3, "iterations": 15},
-                "candidates": EVERY_TECHNIQUE,
-            },
-        }],
-    })
+    return DeployConfig.model_validate(
+        {
+            "cache_dir": str(root / "cache"),
+            "models": [
+                {
+                    "name": "oddnet",
+                    "source": {
+                        "format": "python",
+                        "factory": "tests.models:OddNet",
+                        "weights": str(root / "oddnet.pt"),
+                    },
+                    "labels": ["a", "b", "c", "d", "e"],
+                    "preprocessing": {"channels": 3, "resize": 32, "crop": 32},
+                    "batching": {"max_batch_size": 8},
+                    "compression": {
+                        "budget": {"max_accuracy_drop": None, "min_agreement": 0.5},
+                        "data": {
+                            "source": "tensor_file",
+                            "path": str(root / "data.pt"),
+                            "calibration_size": 200,
+                            "validation_size": 100,
+                        },
+                        "measurement": {"warmup": 3, "iterations": 15},
+                        "candidates": EVERY_TECHNIQUE,
+                    },
+                }
+            ],
+        }
+    )
 
 
 def test_every_technique_works_or_says_why_and_the_result_is_served(config: DeployConfig) -> None:
@@ -74,8 +102,9 @@ def test_every_technique_works_or_says_why_and_the_result_is_served(config: Depl
         else:
             assert len(candidate.error) > 10  # a reason, not just a type
     working = [c.name for c in report.candidates if c.error is None]
-    assert {"bn-fold-onnxruntime", "int8-onnxruntime", "pruned", "student", "sparse"} <= set(working), \
-        {c.name: c.error for c in report.candidates}
+    assert {"bn-fold-onnxruntime", "int8-onnxruntime", "pruned", "student", "sparse"} <= set(working), {
+        c.name: c.error for c in report.candidates
+    }
     assert by_name["pruned"].macs < report.original.macs
 
     with running_server(config) as server:

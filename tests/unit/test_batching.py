@@ -38,7 +38,9 @@ def run(coroutine):  # type: ignore[no-untyped-def]
 
 def make(model: torch.nn.Module, records: list[BatchRecord] | None = None, **kwargs: object) -> DynamicBatcher:
     options = {"max_batch_size": 8, "max_queue_delay_s": 0.0, "max_queue_size": 100, **kwargs}
-    return DynamicBatcher(model, ThreadPoolExecutor(1), on_batch=(records if records is not None else []).append, **options)  # type: ignore[arg-type]
+    return DynamicBatcher(
+        model, ThreadPoolExecutor(1), on_batch=(records if records is not None else []).append, **options
+    )  # type: ignore[arg-type]
 
 
 def test_each_caller_gets_its_own_rows_and_batches_form_under_load() -> None:
@@ -70,7 +72,7 @@ def test_idle_model_runs_a_lone_request_at_once() -> None:
         await batcher.stop()
         return result.queue_seconds
 
-    assert run(scenario()) < 0.05
+    assert run(scenario()) < 0.25  # no batching delay (a 0.5 s delay would show); slack for a busy machine
     assert model.seen == [1]
 
 
@@ -139,8 +141,9 @@ def test_cancelled_requests_are_skipped_and_failures_reach_every_caller() -> Non
     async def failing() -> None:
         batcher = make(Broken())
         batcher.start()
-        results = await asyncio.gather(*(batcher.submit(np.ones((1, 2), np.float32)) for _ in range(3)),
-                                       return_exceptions=True)
+        results = await asyncio.gather(
+            *(batcher.submit(np.ones((1, 2), np.float32)) for _ in range(3)), return_exceptions=True
+        )
         assert all(isinstance(r, RuntimeError) and "kaput" in str(r) for r in results)
         await batcher.stop()
 

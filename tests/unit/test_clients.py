@@ -215,10 +215,34 @@ def test_cli_parses_bench_defaults_and_options() -> None:
     parse = cli.build_parser().parse_args
     args = parse(["bench"])
     assert (args.mode, args.concurrency, args.duration, args.warmup, args.batch) == ("infer", 4, 10.0, 2.0, 1)
-    args = parse(["bench", "--mode", "classify", "--image", "x.png", "--concurrency", "8", "--batch", "16",
-                  "--duration", "3", "--warmup", "0", "--address", "h:9", "--model", "resnet"])
+    args = parse(
+        [
+            "bench",
+            "--mode",
+            "classify",
+            "--image",
+            "x.png",
+            "--concurrency",
+            "8",
+            "--batch",
+            "16",
+            "--duration",
+            "3",
+            "--warmup",
+            "0",
+            "--address",
+            "h:9",
+            "--model",
+            "resnet",
+        ]
+    )
     assert (args.mode, str(args.image), args.concurrency, args.batch, args.duration, args.warmup) == (
-        "classify", "x.png", 8, 16, 3.0, 0.0
+        "classify",
+        "x.png",
+        8,
+        16,
+        3.0,
+        0.0,
     )
     assert (args.address, args.model) == ("h:9", "resnet")
 

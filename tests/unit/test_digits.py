@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import os
-import time
 from pathlib import Path
 
 import numpy as np
@@ -117,10 +116,8 @@ def test_ensure_trained_reuses_an_existing_file(tmp_path: Path) -> None:
     path = weights_path(tmp_path, TINY)
     torch.save(DigitsNet(width=TINY.width).state_dict(), path)
     os.utime(path, (1_000_000_000, 1_000_000_000))
-    started = time.perf_counter()
     assert ensure_trained(tmp_path, TINY) == path
-    assert time.perf_counter() - started < 0.5  # no training happened
-    assert path.stat().st_mtime == 1_000_000_000
+    assert path.stat().st_mtime == 1_000_000_000  # untouched: no training happened
     assert isinstance(load_trained(tmp_path, TINY), DigitsNet)
 
 
@@ -145,11 +142,8 @@ def test_trained_model_accuracy_and_fast_cache_hit() -> None:
     # NOTE: uses the default cache on purpose, so the real model is trained at most once per machine.
     path = ensure_trained()
     mtime = path.stat().st_mtime_ns
-    started = time.perf_counter()
     model = load_trained()
-    load_s = time.perf_counter() - started
-    assert load_s < 1.0, f"cached load took {load_s:.2f}s"
-    assert path.stat().st_mtime_ns == mtime
+    assert path.stat().st_mtime_ns == mtime  # a cache hit: nothing retrained
     assert not model.training
     splits = load_splits()
     assert evaluate(model, splits["test"]) >= 0.97

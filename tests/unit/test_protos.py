@@ -188,9 +188,7 @@ def _as_dict(msg) -> dict:
 
 @pytest.mark.parametrize("variant", range(5))  # InferParameter has 5 oneof members
 @pytest.mark.parametrize("name", CLIENT_MESSAGES)
-def test_round_trip_with_the_client(
-    client_pool: descriptor_pool.DescriptorPool, name: str, variant: int
-) -> None:
+def test_round_trip_with_the_client(client_pool: descriptor_pool.DescriptorPool, name: str, variant: int) -> None:
     ours_cls, theirs_cls = _ours(name), _theirs(client_pool, name)
     for build_cls, parse_cls in ((ours_cls, theirs_cls), (theirs_cls, ours_cls)):
         built = build_cls()

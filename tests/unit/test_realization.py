@@ -72,12 +72,14 @@ def make_model(channels: int, seed: int = 0) -> SmallNet:
 def make_ctx(model: nn.Module, channels: int, device: str = "cpu") -> CompressionContext:
     gen = torch.Generator().manual_seed(1)
     calibration = torch.randn(64, channels, SIZE, SIZE, generator=gen)
-    return CompressionContext(calibration_inputs=calibration, example_inputs=calibration[:4], teacher=model,
-                              device=torch.device(device))
+    return CompressionContext(
+        calibration_inputs=calibration, example_inputs=calibration[:4], teacher=model, device=torch.device(device)
+    )
 
 
-def check_outputs(model: nn.Module, built: Predictor, artifact_dir: Path, precision: str, channels: int,
-                  device: str = "cpu") -> None:
+def check_outputs(
+    model: nn.Module, built: Predictor, artifact_dir: Path, precision: str, channels: int, device: str = "cpu"
+) -> None:
     """The loaded artifact matches the built predictor and the fp32 model at batch 1, 3 and max."""
     loaded = load_predictor(artifact_dir, device)
     assert (loaded.precision, loaded.max_batch_size) == (precision, MAX_BATCH)
@@ -94,36 +96,47 @@ def check_outputs(model: nn.Module, built: Predictor, artifact_dir: Path, precis
             assert sqnr_db(expected, out) > MIN_SQNR[precision], f"batch {batch}"
 
 
-def build(tmp_path: Path, runtime: str, precision: str, channels: int = 3, device: str = "cpu",
-          **options: object) -> tuple[nn.Module, Predictor, Path]:
+def build(
+    tmp_path: Path, runtime: str, precision: str, channels: int = 3, device: str = "cpu", **options: object
+) -> tuple[nn.Module, Predictor, Path]:
     model = make_model(channels)
     config = RealizationConfig(runtime=runtime, precision=precision, calibration_batches=2, **options)
     artifact_dir = tmp_path / f"{runtime}-{precision}"
-    predictor = build_predictor(model, config, make_ctx(model, channels, device), artifact_dir,
-                                max_batch_size=MAX_BATCH)
+    predictor = build_predictor(
+        model, config, make_ctx(model, channels, device), artifact_dir, max_batch_size=MAX_BATCH
+    )
     return model, predictor, artifact_dir
 
 
 # --- configuration --------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("runtime,precision", [(r, p) for r, ps in SUPPORTED.items() for p in ps])
 def test_supported_configs_round_trip_through_json(runtime: str, precision: str) -> None:
-    config = RealizationConfig(runtime=runtime, precision=precision, channels_last=runtime == "eager",
-                               calibration_batches=3, max_fallback_layers=2)
+    config = RealizationConfig(
+        runtime=runtime,
+        precision=precision,
+        channels_last=runtime == "eager",
+        calibration_batches=3,
+        max_fallback_layers=2,
+    )
     assert RealizationConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
 
 
-@pytest.mark.parametrize("fields,message", [
-    ({"runtime": "eager", "precision": "int8"}, "does not support int8"),
-    ({"runtime": "onnxruntime", "precision": "bf16"}, "does not support bf16"),
-    ({"runtime": "tensorrt"}, "unknown runtime"),
-    ({"precision": "int4"}, "unknown precision"),
-    ({"runtime": "inductor", "channels_last": True}, "channels_last applies to the eager runtime"),
-    ({"runtime": "onnxruntime", "channels_last": True}, "channels_last applies to the eager runtime"),
-    ({"channels_last": "yes"}, "must be a bool"),
-    ({"calibration_batches": 0}, "calibration_batches"),
-    ({"max_fallback_layers": -1}, "max_fallback_layers"),
-])
+@pytest.mark.parametrize(
+    "fields,message",
+    [
+        ({"runtime": "eager", "precision": "int8"}, "does not support int8"),
+        ({"runtime": "onnxruntime", "precision": "bf16"}, "does not support bf16"),
+        ({"runtime": "tensorrt"}, "unknown runtime"),
+        ({"precision": "int4"}, "unknown precision"),
+        ({"runtime": "inductor", "channels_last": True}, "channels_last applies to the eager runtime"),
+        ({"runtime": "onnxruntime", "channels_last": True}, "channels_last applies to the eager runtime"),
+        ({"channels_last": "yes"}, "must be a bool"),
+        ({"calibration_batches": 0}, "calibration_batches"),
+        ({"max_fallback_layers": -1}, "max_fallback_layers"),
+    ],
+)
 def test_config_rejects_what_does_not_exist(fields: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         RealizationConfig(**fields)
@@ -136,14 +149,23 @@ def test_config_from_dict_rejects_unknown_fields() -> None:
 
 # --- build, reload, fidelity ----------------------------------------------------------------------
 
-@pytest.mark.parametrize("runtime,precision,channels,channels_last", [
-    ("eager", "fp32", 3, False), ("eager", "fp32", 1, True), ("eager", "fp16", 3, True),
-    ("eager", "bf16", 1, False), ("onnxruntime", "fp32", 1, False), ("onnxruntime", "int8", 3, False),
-    ("onnxruntime", "int8", 1, False),
-    ("onnxruntime", "fp16", 3, False),
-])
-def test_build_reload_matches_fp32(tmp_path: Path, runtime: str, precision: str, channels: int,
-                                   channels_last: bool) -> None:
+
+@pytest.mark.parametrize(
+    "runtime,precision,channels,channels_last",
+    [
+        ("eager", "fp32", 3, False),
+        ("eager", "fp32", 1, True),
+        ("eager", "fp16", 3, True),
+        ("eager", "bf16", 1, False),
+        ("onnxruntime", "fp32", 1, False),
+        ("onnxruntime", "int8", 3, False),
+        ("onnxruntime", "int8", 1, False),
+        ("onnxruntime", "fp16", 3, False),
+    ],
+)
+def test_build_reload_matches_fp32(
+    tmp_path: Path, runtime: str, precision: str, channels: int, channels_last: bool
+) -> None:
     model, predictor, artifact_dir = build(tmp_path, runtime, precision, channels, channels_last=channels_last)
     assert (predictor.runtime, predictor.precision, predictor.device) == (runtime, precision, torch.device("cpu"))
     check_outputs(model, predictor, artifact_dir, precision, channels)
@@ -154,11 +176,18 @@ def test_build_reload_matches_fp32(tmp_path: Path, runtime: str, precision: str,
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("precision,channels,kernel", [
-    ("fp32", 3, "mkldnn"), ("int8", 1, "qconv"), ("bf16", 3, None), ("fp16", 1, None),
-])
-def test_inductor_builds_reload_and_use_frozen_kernels(tmp_path: Path, precision: str, channels: int,
-                                                       kernel: str | None) -> None:
+@pytest.mark.parametrize(
+    "precision,channels,kernel",
+    [
+        ("fp32", 3, "mkldnn"),
+        ("int8", 1, "qconv"),
+        ("bf16", 3, None),
+        ("fp16", 1, None),
+    ],
+)
+def test_inductor_builds_reload_and_use_frozen_kernels(
+    tmp_path: Path, precision: str, channels: int, kernel: str | None
+) -> None:
     model, predictor, artifact_dir = build(tmp_path, "inductor", precision, channels)
     check_outputs(model, predictor, artifact_dir, precision, channels)
     manifest = read_manifest(artifact_dir)
@@ -182,18 +211,30 @@ def test_static_batch_of_one(tmp_path: Path) -> None:
         predictor(torch.randn(2, 3, SIZE, SIZE))
 
 
-@pytest.mark.parametrize("bad", [
-    torch.randn(MAX_BATCH + 1, 3, SIZE, SIZE), torch.randn(0, 3, SIZE, SIZE), torch.randn(2, 1, SIZE, SIZE),
-    torch.randn(2, 3, SIZE, SIZE, dtype=torch.float64), torch.randn(3, SIZE, SIZE),
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        torch.randn(MAX_BATCH + 1, 3, SIZE, SIZE),
+        torch.randn(0, 3, SIZE, SIZE),
+        torch.randn(2, 1, SIZE, SIZE),
+        torch.randn(2, 3, SIZE, SIZE, dtype=torch.float64),
+        torch.randn(3, SIZE, SIZE),
+    ],
+)
 def test_predictor_rejects_bad_batches(bad: torch.Tensor) -> None:
-    predictor = EagerPredictor(make_model(3), precision="fp32", device=torch.device("cpu"),
-                               input_shape=(3, SIZE, SIZE), max_batch_size=MAX_BATCH)
+    predictor = EagerPredictor(
+        make_model(3),
+        precision="fp32",
+        device=torch.device("cpu"),
+        input_shape=(3, SIZE, SIZE),
+        max_batch_size=MAX_BATCH,
+    )
     with pytest.raises(ValueError):
         predictor(bad)
 
 
 # --- artifact integrity ---------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def eager_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -236,6 +277,7 @@ def test_incompatible_artifacts_are_refused(eager_artifact: Path) -> None:
 
 # --- int8 sensitivity-guided fallback -------------------------------------------------------------
 
+
 class OutlierNet(nn.Module):
     """conv1 makes one huge channel that conv2 ignores: quantizing the tensor between them (per-tensor)
     rounds every other channel to zero, so only keeping that tensor in float recovers the output."""
@@ -267,12 +309,17 @@ def build_outlier(tmp_path: Path, runtime: str, max_score_drop: float, max_fallb
         out = torch.cat([predictor(validation[i : i + MAX_BATCH]) for i in range(0, 32, MAX_BATCH)])
         return -float(((out - expected) ** 2).mean() / ((expected - expected.mean(0)) ** 2).mean())
 
-    ctx = CompressionContext(calibration_inputs=torch.randn(64, 3, 16, 16, generator=torch.Generator().manual_seed(3)),
-                             example_inputs=validation[:4], teacher=model)
-    config = RealizationConfig(runtime=runtime, precision="int8", calibration_batches=2,
-                               max_fallback_layers=max_fallback_layers)
-    predictor = build_predictor(model, config, ctx, tmp_path / runtime, max_batch_size=MAX_BATCH,
-                                score_fn=score, max_score_drop=max_score_drop)
+    ctx = CompressionContext(
+        calibration_inputs=torch.randn(64, 3, 16, 16, generator=torch.Generator().manual_seed(3)),
+        example_inputs=validation[:4],
+        teacher=model,
+    )
+    config = RealizationConfig(
+        runtime=runtime, precision="int8", calibration_batches=2, max_fallback_layers=max_fallback_layers
+    )
+    predictor = build_predictor(
+        model, config, ctx, tmp_path / runtime, max_batch_size=MAX_BATCH, score_fn=score, max_score_drop=max_score_drop
+    )
     return read_manifest(tmp_path / runtime), score, predictor
 
 
@@ -314,6 +361,7 @@ def test_inductor_cache_dir_is_scoped(tmp_path: Path) -> None:
 
 # --- latency --------------------------------------------------------------------------------------
 
+
 class Recording:
     """A real predictor that also records the order of calls."""
 
@@ -328,16 +376,23 @@ class Recording:
 
 
 def eager(model: nn.Module, channels: int = 3) -> EagerPredictor:
-    return EagerPredictor(model.eval(), precision="fp32", device=torch.device("cpu"),
-                          input_shape=(channels, SIZE, SIZE), max_batch_size=MAX_BATCH)
+    return EagerPredictor(
+        model.eval(),
+        precision="fp32",
+        device=torch.device("cpu"),
+        input_shape=(channels, SIZE, SIZE),
+        max_batch_size=MAX_BATCH,
+    )
 
 
 def test_latency_is_interleaved_and_ordered() -> None:
     heavy = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), *[nn.Conv2d(32, 32, 3, padding=1) for _ in range(3)])
     calls: list[str] = []
-    predictors = {"light": Recording("light", eager(nn.Conv2d(3, 4, 1)), calls),
-                  "heavy": Recording("heavy", eager(heavy), calls),
-                  "small": Recording("small", eager(make_model(3)), calls)}
+    predictors = {
+        "light": Recording("light", eager(nn.Conv2d(3, 4, 1)), calls),
+        "heavy": Recording("heavy", eager(heavy), calls),
+        "small": Recording("small", eager(make_model(3)), calls),
+    }
     stats = measure_latency(predictors, torch.randn(2, 3, SIZE, SIZE), warmup=2, iterations=9)
     assert set(stats) == set(predictors)
     timed = calls[2 * 3 :]
@@ -365,6 +420,7 @@ def test_latency_rejects_bad_arguments() -> None:
 
 
 # --- CUDA -----------------------------------------------------------------------------------------
+
 
 @pytest.mark.gpu
 @cuda
@@ -408,7 +464,13 @@ def test_pt2e_layer_names_survive_fx_models() -> None:
 def test_build_rejects_inconsistent_arguments(tmp_path: Path) -> None:
     model = make_model(3)
     with pytest.raises(ValueError, match="go together"):
-        build_predictor(model, RealizationConfig(runtime="onnxruntime", precision="int8"), make_ctx(model, 3),
-                        tmp_path, max_batch_size=MAX_BATCH, score_fn=lambda predictor: 0.0)
+        build_predictor(
+            model,
+            RealizationConfig(runtime="onnxruntime", precision="int8"),
+            make_ctx(model, 3),
+            tmp_path,
+            max_batch_size=MAX_BATCH,
+            score_fn=lambda predictor: 0.0,
+        )
     with pytest.raises(ValueError, match="max_batch_size"):
         build_predictor(model, RealizationConfig(), make_ctx(model, 3), tmp_path, max_batch_size=0)

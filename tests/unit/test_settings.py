@@ -22,12 +22,15 @@ def test_default_config_serves_digits() -> None:
 
 
 def test_relative_paths_resolve_against_config_folder(tmp_path: Path) -> None:
-    path = write(tmp_path, """
+    path = write(
+        tmp_path,
+        """
 models:
   - name: net
     source: {format: torchvision, architecture: resnet18, weights: weights/r18.pt}
     labels_file: labels.txt
-""")
+""",
+    )
     model = load_config(path).models[0]
     assert isinstance(model.source, TorchvisionSource)
     assert model.source.weights == tmp_path / "weights" / "r18.pt"
@@ -39,8 +42,10 @@ models:
     [
         ("models: []", "models"),
         ("models:\n  - name: a\n    source: {format: onnx, path: x}", "models.0.source"),
-        ("models:\n  - {name: a, source: {format: builtin}, batching: {max_batch_size: 0}}",
-         "models.0.batching.max_batch_size"),
+        (
+            "models:\n  - {name: a, source: {format: builtin}, batching: {max_batch_size: 0}}",
+            "models.0.batching.max_batch_size",
+        ),
         ("models:\n  - {name: a, source: {format: builtin}, devise: cpu}", "models.0.devise"),
         ("models:\n  - {name: a, source: {format: builtin}, device: tpu}", "models.0.device"),
         ("models:\n  - {name: a, source: {format: builtin}}\n  - {name: a, source: {format: builtin}}", "unique"),

@@ -45,13 +45,16 @@ def ctx(teacher: nn.Module) -> CompressionContext:
     return CompressionContext(calibration_inputs=calibration, example_inputs=calibration[:8], teacher=teacher)
 
 
-def _report(label: str, model: nn.Module, teacher: nn.Module, accuracy: float, teacher_accuracy: float,
-            seconds: float) -> None:
+def _report(
+    label: str, model: nn.Module, teacher: nn.Module, accuracy: float, teacher_accuracy: float, seconds: float
+) -> None:
     x = torch.zeros(1, 1, 28, 28)
-    print(f"\n{label}: test top-1 {accuracy:.3f} (original {teacher_accuracy:.3f}), "
-          f"params {count_params(model)} / {count_params(teacher)}, "
-          f"MACs {count_macs(model, x)} / {count_macs(teacher, x)}, "
-          f"compressed {compressed_bytes(model)} / {compressed_bytes(teacher)} B, {seconds:.1f}s")
+    print(
+        f"\n{label}: test top-1 {accuracy:.3f} (original {teacher_accuracy:.3f}), "
+        f"params {count_params(model)} / {count_params(teacher)}, "
+        f"MACs {count_macs(model, x)} / {count_macs(teacher, x)}, "
+        f"compressed {compressed_bytes(model)} / {compressed_bytes(teacher)} B, {seconds:.1f}s"
+    )
 
 
 def _run(model: nn.Module, config: object, ctx: CompressionContext) -> tuple[nn.Module, float, float]:
@@ -62,7 +65,8 @@ def _run(model: nn.Module, config: object, ctx: CompressionContext) -> tuple[nn.
 
 
 def test_half_the_channels_pruned_then_distilled_stays_within_one_point(
-        teacher: nn.Module, teacher_accuracy: float, ctx: CompressionContext) -> None:
+    teacher: nn.Module, teacher_accuracy: float, ctx: CompressionContext
+) -> None:
     config = ChannelPruneConfig(ratio=0.5, finetune_epochs=6, finetune_time_budget_s=90.0, lr=2e-3)
     pruned, accuracy, seconds = _run(teacher, config, ctx)
     _report("channel_prune 50% + KD", pruned, teacher, accuracy, teacher_accuracy, seconds)
@@ -72,7 +76,8 @@ def test_half_the_channels_pruned_then_distilled_stays_within_one_point(
 
 
 def test_student_with_a_quarter_of_the_parameters_stays_within_two_points(
-        teacher: nn.Module, teacher_accuracy: float, ctx: CompressionContext) -> None:
+    teacher: nn.Module, teacher_accuracy: float, ctx: CompressionContext
+) -> None:
     config = StudentConfig(architecture="depthwise_separable", epochs=25, time_budget_s=90.0, lr=5e-3)
     student, accuracy, seconds = _run(teacher, config, ctx)
     _report("depthwise-separable student", student, teacher, accuracy, teacher_accuracy, seconds)
@@ -81,7 +86,8 @@ def test_student_with_a_quarter_of_the_parameters_stays_within_two_points(
 
 
 def test_eighty_percent_sparsity_shrinks_compressed_size(
-        teacher: nn.Module, teacher_accuracy: float, ctx: CompressionContext) -> None:
+    teacher: nn.Module, teacher_accuracy: float, ctx: CompressionContext
+) -> None:
     config = MagnitudePruneConfig(sparsity=0.8, finetune_epochs=3, finetune_time_budget_s=60.0, lr=1e-3)
     pruned, accuracy, seconds = _run(teacher, config, ctx)
     _report("magnitude_prune 80% + KD", pruned, teacher, accuracy, teacher_accuracy, seconds)
@@ -96,7 +102,8 @@ def test_eighty_percent_sparsity_shrinks_compressed_size(
     ids=lambda c: c.name,
 )
 def test_training_free_techniques_keep_accuracy(
-        teacher: nn.Module, teacher_accuracy: float, ctx: CompressionContext, config: object) -> None:
+    teacher: nn.Module, teacher_accuracy: float, ctx: CompressionContext, config: object
+) -> None:
     result, accuracy, seconds = _run(teacher, config, ctx)
     _report(config.name, result, teacher, accuracy, teacher_accuracy, seconds)  # type: ignore[attr-defined]
     assert accuracy >= teacher_accuracy - 0.01
