@@ -105,6 +105,9 @@ class BatchingSettings(_Strict):
 
 
 class ModelSettings(_Strict):
+    # NOTE: YAML reads `labels: [0, 1, 2]` as numbers; they are labels all the same.
+    model_config = ConfigDict(extra="forbid", frozen=True, coerce_numbers_to_str=True)
+
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     source: ModelSource
     labels: list[str] | None = None
