@@ -15,6 +15,8 @@ from server.settings import ConfigError, DeployConfig, default_config, load_conf
 
 log = logging.getLogger("slimserve")
 LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR"]
+CHATTY_LIBRARIES = ("onnxscript", "onnx_ir", "onnxruntime", "matplotlib", "torch", "torchao")
+"""Libraries that log every pass at INFO; their warnings still show."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,6 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
+    if args.log_level != "DEBUG":
+        for chatty in CHATTY_LIBRARIES:
+            logging.getLogger(chatty).setLevel(logging.WARNING)
     try:
         config = resolve_config(args)
         if args.command == "compress":

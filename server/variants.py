@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import sys
 import tempfile
 from concurrent.futures import Executor
@@ -104,26 +103,18 @@ class CompressedVariants:
         except asyncio.CancelledError:
             raise
         except Exception:
-            log.exception("model %r: loading the compressed variant failed; serving the original", model.name)
+            log.exception("model %r: background compression failed; serving the original", model.name)
 
     async def _run_child(self, model_name: str) -> int:
         with tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix="slimserve-", delete=False) as handle:
             yaml.safe_dump(self._config.model_dump(mode="json"), handle)
             config_path = Path(handle.name)
         try:
+            level = logging.getLevelName(logging.getLogger().getEffectiveLevel())
+            command = [sys.executable, "-m", "server.cli", "compress", "--config", str(config_path)]
+            # NOTE: the search competes with serving for the same cores; `nice` keeps serving first.
             child = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "server.cli",
-                "compress",
-                "--config",
-                str(config_path),
-                "--model",
-                model_name,
-                "--log-level",
-                logging.getLevelName(logging.getLogger().getEffectiveLevel()),
-                # NOTE: the search competes with serving for the same cores; serving keeps priority.
-                preexec_fn=lambda: os.nice(SEARCH_NICENESS),
+                "nice", "-n", str(SEARCH_NICENESS), *command, "--model", model_name, "--log-level", level
             )
             self._children.add(child)
             try:
