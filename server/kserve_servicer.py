@@ -64,7 +64,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         tensor = pb.ModelMetadataResponse.TensorMetadata
         return pb.ModelMetadataResponse(
             name=model.name,
-            versions=list(model.variants),
+            versions=[v.version for v in model.variants.values()],
             platform=PLATFORM,
             inputs=[tensor(name=INPUT_NAME, datatype=INPUT_DATATYPE, shape=[-1, *model.input_shape])],
             outputs=[tensor(name=OUTPUT_NAME, datatype="FP32", shape=[-1, model.num_classes])],
@@ -90,7 +90,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         for model in models:
             variants = [model.resolve(request.version)] if request.version else list(model.variants.values())
             for variant in variants:
-                response.model_stats.append(_statistics(model.name, variant.name, variant.stats))
+                response.model_stats.append(_statistics(model.name, variant.version, variant.stats))
         return response
 
     async def RepositoryIndex(
@@ -100,9 +100,9 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         index = pb.RepositoryIndexResponse.ModelIndex
         return pb.RepositoryIndexResponse(
             models=[
-                index(name=model.name, version=variant, state=state)
+                index(name=model.name, version=variant.version, state=state, reason=variant.name)
                 for model in self.plane.registry.models()
-                for variant in model.variants
+                for variant in model.variants.values()
             ]
         )
 
@@ -197,7 +197,8 @@ def _model_config(model: ServedModel, properties: dict[str, str]) -> mc.ModelCon
     group = mc.ModelInstanceGroup(
         kind=mc.ModelInstanceGroup.KIND_GPU if on_gpu else mc.ModelInstanceGroup.KIND_CPU, count=1
     )
-    parameters = {"default_variant": model.default_variant, **properties}
+    versions = {f"version_{v.version}": v.name for v in model.variants.values()}
+    parameters = {"default_variant": model.default_variant, **versions, **properties}
     return mc.ModelConfig(
         name=model.name,
         platform=PLATFORM,

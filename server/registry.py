@@ -25,13 +25,16 @@ OUTPUT_NAME = "logits"
 ORIGINAL = "original"
 COMPRESSED_ALIAS = "compressed"
 """Always names the chosen compressed variant, whatever its chain is called."""
-DEFAULT_VERSIONS = ("", "1")
-"""Versions that mean "the model's default variant" (Triton clients often send "1")."""
+DEFAULT_VERSION = ""
+"""The version that means "the model's default variant"."""
 
 
 @dataclass
 class Variant:
     name: str
+    version: str
+    """Triton-style numeric version ("1" = the original, "2" = the compressed variant): clients such as
+    perf_analyzer parse versions as integers. Requests may also name the variant."""
     batcher: DynamicBatcher
     stats: InferenceStats = field(default_factory=InferenceStats)
     properties: dict[str, str] = field(default_factory=dict)
@@ -58,18 +61,23 @@ class ServedModel:
         return self.settings.batching.max_batch_size
 
     def has_version(self, version: str) -> bool:
-        return version in DEFAULT_VERSIONS or version in self.variants or version in self.aliases
+        return self._find(version) is not None
 
     def resolve(self, version: str) -> Variant:
-        """The variant a request for ``version`` goes to: the default, or one pinned by name."""
-        name = self.default_variant if version in DEFAULT_VERSIONS else self.aliases.get(version, version)
-        try:
+        """The variant a request for ``version`` goes to: the default, or one pinned by number or name."""
+        variant = self._find(version)
+        if variant is None:
+            known = ", ".join(f"{v.version!r} or {v.name!r}" for v in self.variants.values())
+            raise NotFound(f"model {self.name!r} has no version {version!r}; use '' for the default, {known}")
+        return variant
+
+    def _find(self, version: str) -> Variant | None:
+        if version == DEFAULT_VERSION:
+            return self.variants.get(self.default_variant)
+        name = self.aliases.get(version, version)
+        if name in self.variants:
             return self.variants[name]
-        except KeyError:
-            known = ", ".join(repr(v) for v in self.variants)
-            raise NotFound(
-                f"model {self.name!r} has no version {version!r}; use '' for the default or one of {known}"
-            ) from None
+        return next((v for v in self.variants.values() if v.version == version), None)
 
 
 class ModelRegistry:
@@ -106,7 +114,7 @@ class ModelRegistry:
             on_batch=self._batch_recorder(model.name, name, stats),
         )
         batcher.start()
-        variant = Variant(name, batcher, stats, properties or {})
+        variant = Variant(name, str(len(model.variants) + 1), batcher, stats, properties or {})
         model.variants[name] = variant
         self._metrics.set_active(model.name, list(model.variants), model.default_variant)
         return variant

@@ -75,7 +75,9 @@ def test_invalid_config_fails_before_listening(tmp_path: Path) -> None:
     config.write_text("models:\n  - {name: digits, source: {format: builtin}, batching: {max_batch_size: 0}}\n")
     result = subprocess.run(
         [sys.executable, "-m", "server.cli", "serve", "--config", str(config)],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 2
     assert "models.0.batching.max_batch_size" in result.stderr

@@ -80,7 +80,9 @@ def test_requests_during_startup_compression_all_succeed(tmp_path: Path) -> None
         assert parameters["default_variant"]["string_value"] == CHOSEN
         assert parameters["techniques"]["string_value"] == "onnxruntime:int8"
         assert float(parameters["latency_p95_ms"]["string_value"]) > 0
-        assert "original" in client.get_model_metadata("digits", as_json=True)["versions"]
+        assert client.get_model_metadata("digits", as_json=True)["versions"] == ["1", "2"]
+        assert parameters["version_2"]["string_value"] == CHOSEN
+        assert client.infer("digits", [tensor], model_version="2").get_response().model_version == CHOSEN
     # a restart finds the published result and serves it at once, without searching
     with running_server(digits_config(tmp_path)) as server:
         assert server.server.registry.get("digits").default_variant == CHOSEN

@@ -46,7 +46,7 @@ def test_model_metadata_and_config(client: triton.InferenceServerClient) -> None
     metadata = client.get_model_metadata(MODEL, as_json=True)
     assert metadata["inputs"] == [{"name": "input", "datatype": "FP32", "shape": ["-1", "1", "28", "28"]}]
     assert metadata["outputs"] == [{"name": "logits", "datatype": "FP32", "shape": ["-1", "10"]}]
-    assert "original" in metadata["versions"]
+    assert metadata["versions"] == ["1"]  # numeric, as perf_analyzer expects; "1" is the original
     config = client.get_model_config(MODEL, as_json=True)["config"]
     assert int(config["max_batch_size"]) >= 8
     assert config["input"][0]["dims"] == ["1", "28", "28"]
@@ -89,9 +89,10 @@ def test_classification_extension_top3(client: triton.InferenceServerClient, tes
 def test_pinned_original_version_answers(client: triton.InferenceServerClient, test_split: tuple) -> None:
     images, _ = test_split
     default = infer(client, images[:2]).as_numpy("logits")
-    result = infer(client, images[:2], model_version="original")
-    assert result.get_response().model_version == "original"
-    np.testing.assert_allclose(result.as_numpy("logits"), default, rtol=1e-5, atol=1e-5)
+    for version in ("original", "1"):
+        result = infer(client, images[:2], model_version=version)
+        assert result.get_response().model_version == "original"
+        np.testing.assert_allclose(result.as_numpy("logits"), default, rtol=1e-5, atol=1e-5)
 
 
 def test_stream_infer_answers_every_request(client: triton.InferenceServerClient, test_split: tuple) -> None:
@@ -120,7 +121,7 @@ def test_statistics_count_inferences(client: triton.InferenceServerClient, test_
     before = client.get_inference_statistics(MODEL, as_json=True)["model_stats"]
     infer(client, test_split[0][:3])
     after = client.get_inference_statistics(MODEL, as_json=True)["model_stats"]
-    original = lambda stats: next(s for s in stats if s["version"] == "original")  # noqa: E731
+    original = lambda stats: next(s for s in stats if s["version"] == "1")  # noqa: E731
     assert int(original(after).get("inference_count", 0)) - int(original(before).get("inference_count", 0)) == 3
     success = original(after)["inference_stats"]["success"]
     assert int(success["count"]) >= 1 and int(success["ns"]) > 0
@@ -137,4 +138,4 @@ def test_unsupported_rpcs_are_unimplemented(client: triton.InferenceServerClient
 
 def test_repository_index_lists_model(client: triton.InferenceServerClient) -> None:
     index = client.get_model_repository_index(as_json=True)["models"]
-    assert {"name": MODEL, "version": "original", "state": "READY"} in index
+    assert {"name": MODEL, "version": "1", "state": "READY", "reason": "original"} in index
