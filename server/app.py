@@ -86,8 +86,16 @@ class SlimServer:
         self._ready = False
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.compressed.stop()
+        # NOTE: drain while the transport is still up: requests arriving now are answered UNAVAILABLE by
+        # the servicers, and in-flight ones finish. Stopping gRPC first would let its core cancel calls it
+        # had received but not yet handed to us.
+        started = time.monotonic()
+        deadline = started + grace_s
+        refuse_until = started + min(self.config.server.refuse_before_close_s, grace_s)
+        while time.monotonic() < deadline and (self.plane.active_requests or time.monotonic() < refuse_until):
+            await asyncio.sleep(0.01)
         if self._grpc is not None:
-            await self._grpc.stop(grace_s)
+            await self._grpc.stop(max(0.0, deadline - time.monotonic()))
         await self.registry.stop()
         if self._metrics_endpoint is not None:
             self._metrics_endpoint.close()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
@@ -31,6 +32,7 @@ class RequestTrack:
 
     metrics: ServerMetrics
     method: str
+    on_finish: Callable[[], None]
     started: float = field(default_factory=time.perf_counter)
     model: str = ""
     variant: Variant | None = None
@@ -44,6 +46,7 @@ class RequestTrack:
         self.metrics.inflight.labels(*self._inflight_labels).inc()
 
     def finish(self, code: grpc.StatusCode) -> None:
+        self.on_finish()
         total = time.perf_counter() - self.started
         variant = self.variant.name if self.variant else ""
         self.metrics.requests.labels(self.model, variant, self.method, code.name).inc()
@@ -82,9 +85,16 @@ class DataPlane:
         self.registry = registry
         self.metrics = metrics
         self._decode_pool = decode_pool
+        self.active_requests = 0
+        """Requests received and not yet answered (all methods that run inference)."""
 
     def track(self, method: str) -> RequestTrack:
-        return RequestTrack(self.metrics, method)
+        """Start accounting for a request; its ``finish`` must be called exactly once."""
+        self.active_requests += 1
+        return RequestTrack(self.metrics, method, self._finished)
+
+    def _finished(self) -> None:
+        self.active_requests -= 1
 
     def resolve(self, model_name: str, version: str, track: RequestTrack) -> tuple[ServedModel, Variant]:
         model = self.registry.get(model_name)

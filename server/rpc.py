@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import grpc
 
@@ -15,7 +15,7 @@ Request = TypeVar("Request")
 Response = TypeVar("Response")
 
 
-class HasPlane:
+class HasPlane(Protocol):
     plane: DataPlane
 
 

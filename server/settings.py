@@ -148,6 +148,9 @@ class ServerSettings(_Strict):
     """Largest gRPC message accepted or sent (grpcio's own default of 4 MiB fits only 6 images of 224x224)."""
     decode_threads: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)
     """Threads that decode images for Classify."""
+    refuse_before_close_s: float = Field(1.0, ge=0, le=60)
+    """On shutdown, answer new requests with UNAVAILABLE for at least this long before closing the transport,
+    so clients and load balancers hear it, rather than racing a closing connection."""
     max_image_pixels: int = Field(40_000_000, ge=1)
     """Decompression-bomb guard: images with more pixels are refused before decoding."""
 
