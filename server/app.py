@@ -57,7 +57,7 @@ class SlimServer:
         self._decode_pool = ThreadPoolExecutor(max_workers=config.server.decode_threads, thread_name_prefix="decode")
         self.registry = ModelRegistry(self.metrics, self._inference_pool)
         self.plane = DataPlane(self.registry, self.metrics, self._decode_pool)
-        self.compressed = CompressedVariants(config, self.registry, self._inference_pool, _warm_up)
+        self.compressed = CompressedVariants(config, self.registry, self.metrics.deploy, self._inference_pool, _warm_up)
         self._health = health_aio.HealthServicer()
         self._ready = False
         self._grpc: grpc.aio.Server | None = None

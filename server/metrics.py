@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
 
 from server.batching import BatchRecord
 
@@ -75,6 +75,7 @@ class ServerMetrics:
             VARIANT,
             registry=r,
         )
+        self.deploy = DeployFigures(r)
         self.active = Gauge(
             "slimserve_variant_active",
             "1 for the variant that answers requests by default, else 0.",
@@ -100,6 +101,56 @@ class ServerMetrics:
     def set_active(self, model: str, variants: list[str], active: str) -> None:
         for variant in variants:
             self.active.labels(model, variant).set(1 if variant == active else 0)
+
+
+class DeployFigures:
+    """What the compression search measured at deploy time, one series per variant, for side-by-side panels.
+
+    Ratios ops care about (speed-up, size ratio) are ``original / compressed`` divisions in PromQL.
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        def gauge(name: str, doc: str, extra: tuple[str, ...] = ()) -> Gauge:
+            return Gauge(name, doc, [*VARIANT, *extra], registry=registry)
+
+        self.latency = gauge(
+            "slimserve_deploy_latency_seconds",
+            "Latency measured by the search at the budget's batch size, by quantile (0.5, 0.95).",
+            ("quantile",),
+        )
+        self.top1 = gauge("slimserve_deploy_top1_ratio", "Top-1 accuracy on the held-out validation split.")
+        self.top1_drop = gauge("slimserve_deploy_top1_drop_ratio", "Top-1 of the original minus this variant's.")
+        self.agreement = gauge(
+            "slimserve_deploy_agreement_ratio", "Share of top-1 predictions equal to the original's."
+        )
+        self.parameters = gauge("slimserve_deploy_parameters", "Parameter count.")
+        self.macs = gauge("slimserve_deploy_macs", "Multiply-accumulates per image.")
+        self.size = gauge("slimserve_deploy_size_bytes", "Size of the served artifact (original: its state_dict).")
+        self.info = Info(
+            "slimserve_deploy_variant", "The chain of techniques of each variant.", VARIANT, registry=registry
+        )
+
+    def record(self, model: str, variant: str, figures: object) -> None:
+        """``figures`` is a ``compression.search.VariantReport``; missing figures leave no series."""
+        values = {
+            (self.top1, ()): getattr(figures, "top1", None),
+            (self.agreement, ()): getattr(figures, "agreement", None),
+            (self.parameters, ()): getattr(figures, "params", None),
+            (self.macs, ()): getattr(figures, "macs", None),
+            (self.size, ()): getattr(figures, "size_bytes", None),
+            (self.latency, ("0.5",)): _ms_to_s(getattr(figures, "latency_p50_ms", None)),
+            (self.latency, ("0.95",)): _ms_to_s(getattr(figures, "latency_p95_ms", None)),
+        }
+        drop = getattr(figures, "top1_drop", None)
+        values[(self.top1_drop, ())] = None if drop is None else drop / 100
+        for (gauge, extra), value in values.items():
+            if value is not None:
+                gauge.labels(model, variant, *extra).set(value)
+        self.info.labels(model, variant).info({"techniques": " -> ".join(getattr(figures, "techniques", []))})
+
+
+def _ms_to_s(value: float | None) -> float | None:
+    return None if value is None else value / 1000
 
 
 class MetricsEndpoint:

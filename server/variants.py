@@ -11,6 +11,7 @@ import asyncio
 import logging
 import sys
 import tempfile
+from collections.abc import Callable
 from concurrent.futures import Executor
 from pathlib import Path
 
@@ -19,7 +20,9 @@ import yaml
 from compression.pipeline import CompressedEntry, cached_entry
 from compression.realization import load_predictor
 from compression.search import VariantReport
+from server.batching import Forward
 from server.loading import LoadedModel
+from server.metrics import DeployFigures
 from server.registry import COMPRESSED_ALIAS, ModelRegistry, ServedModel
 from server.settings import DeployConfig
 
@@ -48,9 +51,17 @@ def variant_properties(report: VariantReport, entry: CompressedEntry) -> dict[st
 
 
 class CompressedVariants:
-    def __init__(self, config: DeployConfig, registry: ModelRegistry, executor: Executor, warm_up: object) -> None:
+    def __init__(
+        self,
+        config: DeployConfig,
+        registry: ModelRegistry,
+        figures: DeployFigures,
+        executor: Executor,
+        warm_up: Callable[[Forward, tuple[int, int, int], int], None],
+    ) -> None:
         self._config = config
         self._registry = registry
+        self._figures = figures
         self._executor = executor
         self._warm_up = warm_up
         self._tasks: set[asyncio.Task[None]] = set()
@@ -133,14 +144,10 @@ class CompressedVariants:
         device = model.settings.device
         predictor = await asyncio.to_thread(load_predictor, artifact, device)
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(
-            self._executor,
-            self._warm_up,
-            predictor,
-            model.input_shape,  # type: ignore[arg-type]
-            model.max_batch_size,
-        )
+        await loop.run_in_executor(self._executor, self._warm_up, predictor, model.input_shape, model.max_batch_size)
         chosen = report.variant(report.chosen)
+        self._figures.record(model.name, "original", report.original)
+        self._figures.record(model.name, report.chosen, chosen)
         self._registry.add_variant(model, report.chosen, predictor, variant_properties(chosen, entry))
         model.aliases[COMPRESSED_ALIAS] = report.chosen
         self._registry.set_default(model, report.chosen)

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
+
+from prometheus_client.parser import text_string_to_metric_families
 
 from server.app import SlimServer
 from server.settings import DeployConfig, ServerSettings
@@ -60,3 +63,14 @@ def running_server(config: DeployConfig) -> Iterator[ServerThread]:
         yield thread
     finally:
         thread.stop()
+
+
+def scrape(server: ServerThread) -> dict[str, list]:
+    """The server's /metrics, parsed: family name -> samples."""
+    text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
+    return {family.name: family.samples for family in text_string_to_metric_families(text)}
+
+
+def sample_value(samples: list, name: str, **labels: str) -> float:
+    """Sum of the samples called ``name`` whose labels include ``labels``."""
+    return sum(s.value for s in samples if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))

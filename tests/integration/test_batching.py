@@ -2,23 +2,12 @@
 
 from __future__ import annotations
 
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import tritonclient.grpc as triton
-from prometheus_client.parser import text_string_to_metric_families
 
 from server.digits.data import load_splits, normalize
-from tests.serving import ServerThread
-
-
-def scrape(server: ServerThread) -> dict[str, list]:
-    text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
-    return {family.name: family.samples for family in text_string_to_metric_families(text)}
-
-
-def sample_value(samples: list, name: str, **labels: str) -> float:
-    return sum(s.value for s in samples if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+from tests.serving import ServerThread, sample_value, scrape
 
 
 def test_64_concurrent_requests_share_batches(digits_server: ServerThread) -> None:

@@ -14,7 +14,7 @@ from compression.settings import CompressionSettings
 from server.digits.data import load_splits, normalize
 from server.digits.model import ensure_trained
 from server.settings import DeployConfig, default_config
-from tests.serving import running_server
+from tests.serving import running_server, sample_value, scrape
 
 pytestmark = pytest.mark.slow
 
@@ -58,12 +58,14 @@ def test_requests_during_startup_compression_all_succeed(tmp_path: Path) -> None
         answered: list[tuple[str, bool]] = []
         deadline = time.monotonic() + 600
         with ThreadPoolExecutor(max_workers=4) as pool:
+            search_over = False
             while time.monotonic() < deadline:
                 answered.extend(pool.map(one, range(len(answered), len(answered) + 8)))
                 if answered[-1][0] == CHOSEN and sum(v == CHOSEN for v, _ in answered) >= 16:
                     break
-                if not server.server.compressed.searching and answered[-1][0] != CHOSEN:
-                    break  # the search ended without a swap: fail below instead of waiting out the deadline
+                if search_over:
+                    break  # the search ended a round ago and nothing swapped: fail below, don't wait it out
+                search_over = not server.server.compressed.searching
                 time.sleep(0.05)
         versions = [v for v, _ in answered]
         assert versions[0] == "original" and versions[-1] == CHOSEN, versions[-3:]
@@ -83,6 +85,24 @@ def test_requests_during_startup_compression_all_succeed(tmp_path: Path) -> None
         assert client.get_model_metadata("digits", as_json=True)["versions"] == ["1", "2"]
         assert parameters["version_2"]["string_value"] == CHOSEN
         assert client.infer("digits", [tensor], model_version="2").get_response().model_version == CHOSEN
+
+        # deploy-time figures, one series per variant, next to the live metrics
+        metrics = scrape(server)
+        for variant in ("original", CHOSEN):
+            latency = metrics["slimserve_deploy_latency_seconds"]
+            assert sample_value(latency, "slimserve_deploy_latency_seconds", variant=variant, quantile="0.95") > 0
+            assert (
+                sample_value(metrics["slimserve_deploy_top1_ratio"], "slimserve_deploy_top1_ratio", variant=variant)
+                > 0.95
+            )
+            assert (
+                sample_value(metrics["slimserve_deploy_size_bytes"], "slimserve_deploy_size_bytes", variant=variant) > 0
+            )
+        info = [s for s in metrics["slimserve_deploy_variant_info"] if s.labels.get("variant") == CHOSEN]
+        assert info and info[0].labels["techniques"] == "onnxruntime:int8"
+        active = metrics["slimserve_variant_active"]
+        assert sample_value(active, "slimserve_variant_active", variant=CHOSEN) == 1
+        assert sample_value(active, "slimserve_variant_active", variant="original") == 0
     # a restart finds the published result and serves it at once, without searching
     with running_server(digits_config(tmp_path)) as server:
         assert server.server.registry.get("digits").default_variant == CHOSEN
