@@ -6,6 +6,7 @@ import logging
 import shutil
 from pathlib import Path
 
+from compression.data import DataError
 from compression.pipeline import compress
 from compression.report import HEADERS, PARETO_PNG, REPORT_JSON, REPORT_MD, summary_rows
 from compression.selection import BudgetUnmet
@@ -37,6 +38,10 @@ def run_compress(config: DeployConfig, only: str | None, out: Path | None) -> in
         except BudgetUnmet as exc:
             log.error("model %r: %s", settings.name, exc)
             status = EXIT_BUDGET_UNMET
+            continue
+        except DataError as exc:
+            log.error("model %r: compression data: %s", settings.name, exc)
+            status = EXIT_FAILED
             continue
         print(f"\n{settings.name}: chose {entry.report.chosen} ({entry.report.reason})")
         print(" | ".join(HEADERS))
