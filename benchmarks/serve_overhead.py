@@ -20,39 +20,53 @@ import torch
 
 from benchmarks.common import slimserve_process, table, time_calls
 from clients.loadgen import infer_call, open_channel, run_load
+from compression.pipeline import cached_entry
+from compression.predictor import Predictor
+from compression.realization import load_predictor
 from server.loading import load_model
-from server.registry import INPUT_NAME
+from server.registry import COMPRESSED_ALIAS, INPUT_NAME, ORIGINAL
 from server.runners import original_predictor
-from server.settings import default_config, load_config
+from server.settings import ModelSettings, default_config, load_config
 
 
-def in_process(
-    config_path: Path | None, model_name: str, iterations: int
-) -> tuple[float, dict[int, float], tuple[int, int, int]]:
-    """Batch-1 forward p50 (ms), rows/s at each batch size, and the input shape, loaded as the server does."""
+def served_predictor(config_path: Path | None, model_name: str, variant: str) -> tuple[Predictor, ModelSettings]:
+    """The predictor the server runs for ``variant``: the original, or the cached compressed artifact."""
     config = load_config(config_path) if config_path else default_config()
     settings = next(m for m in config.models if m.name == model_name)
     loaded = load_model(settings, config.resolved_cache_dir())
-    forward = original_predictor(loaded, settings)
+    if variant == ORIGINAL:
+        return original_predictor(loaded, settings), settings
+    entry = cached_entry(settings, loaded, config.resolved_cache_dir()) if settings.compression else None
+    if entry is None or entry.chosen_artifact is None:
+        raise SystemExit(f"no compressed variant of {model_name!r} in the cache: run `slimserve compress` first")
+    return load_predictor(entry.chosen_artifact, settings.device), settings
+
+
+def in_process(
+    config_path: Path | None, model_name: str, variant: str, iterations: int
+) -> tuple[float, dict[int, float], tuple[int, int, int]]:
+    """Batch-1 forward p50 (ms), rows/s at each batch size, and the input shape, loaded as the server does."""
+    forward, settings = served_predictor(config_path, model_name, variant)
+    loaded_shape = (settings.preprocessing.channels, settings.preprocessing.crop, settings.preprocessing.crop)
     max_batch = settings.batching.max_batch_size
     throughput = {}
     with torch.inference_mode():
-        batch1 = torch.randn(1, *loaded.input_shape)
+        batch1 = torch.randn(1, *loaded_shape)
         p50_ms = float(np.median(time_calls(lambda: forward(batch1), warmup=10, iterations=iterations))) * 1e3
         for size in sorted({1, 2, 4, 8, 16, 32, 64, max_batch}):
             if size > max_batch:
                 continue
-            batch = torch.randn(size, *loaded.input_shape)
+            batch = torch.randn(size, *loaded_shape)
             seconds = time_calls(lambda: forward(batch), warmup=3, iterations=max(5, iterations // size))
             throughput[size] = size / float(np.median(seconds))
-    return p50_ms, throughput, loaded.input_shape
+    return p50_ms, throughput, loaded_shape
 
 
 async def grpc_load(
-    address: str, model: str, shape: tuple[int, ...], concurrency: list[int], duration_s: float
+    address: str, model: str, version: str, shape: tuple[int, ...], concurrency: list[int], duration_s: float
 ) -> dict[int, object]:
     channel = open_channel(address)
-    call = infer_call(channel, model, INPUT_NAME, [1, *shape])
+    call = infer_call(channel, model, INPUT_NAME, [1, *shape], version=version)
     results = {}
     for level in concurrency:
         results[level] = await run_load(call, concurrency=level, duration_s=duration_s, warmup_s=2)
@@ -64,18 +78,29 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, help="deploy config (default: the bundled digits model)")
     parser.add_argument("--model", default="digits")
+    parser.add_argument(
+        "--variant",
+        choices=[ORIGINAL, COMPRESSED_ALIAS],
+        default=ORIGINAL,
+        help="which variant to measure, in process and pinned over gRPC (compressed: from the cache)",
+    )
     parser.add_argument("--duration", type=float, default=10.0, help="seconds of load per concurrency")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--iterations", type=int, default=200, help="in-process timed forward passes")
     args = parser.parse_args()
 
-    forward_p50, batched, shape = in_process(args.config, args.model, args.iterations)
+    forward_p50, batched, shape = in_process(args.config, args.model, args.variant, args.iterations)
     best_size = max(batched, key=batched.get)
     with slimserve_process(args.config) as server:
-        results = asyncio.run(grpc_load(server.address, args.model, shape, args.concurrency, args.duration))
+        results = asyncio.run(
+            grpc_load(server.address, args.model, args.variant, shape, args.concurrency, args.duration)
+        )
 
     c1 = results.get(1)
-    print(f"\nmodel {args.model!r}, input {[1, *shape]}, {torch.get_num_threads()} torch threads\n")
+    print(
+        f"\nmodel {args.model!r}, variant {args.variant!r}, input {[1, *shape]}, "
+        f"{torch.get_num_threads()} torch threads\n"
+    )
     if c1 is not None:
         print(
             table(

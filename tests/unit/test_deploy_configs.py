@@ -1,0 +1,21 @@
+"""Every deploy config shipped in deploy/ is valid (so the docs that point at them stay true)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from server.settings import load_config
+
+CONFIGS = sorted((Path(__file__).resolve().parents[2] / "deploy").rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_config_is_valid(path: Path) -> None:
+    config = load_config(path)
+    assert config.models
+
+
+def test_examples_exist() -> None:
+    assert {"digits.yaml", "resnet18.yaml"} <= {p.name for p in CONFIGS}
