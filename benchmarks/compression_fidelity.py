@@ -1,0 +1,229 @@
+"""Fidelity part of ``benchmarks.compression``: a trained torchvision resnet18 and the real search on it.
+
+Top-1 agreement of random-weight nets on random inputs says nothing, so a torchvision resnet18
+(``num_classes=10``, unchanged otherwise) is trained on the digits "train" split (4,000 MNIST images,
+resized to 32x32, gray replicated to 3 channels) and cached. ``compression.search.run_search`` then
+runs with the default CPU candidates, a 1-point top-1 budget and objective "fastest", validating on
+"val"; every variant it built is finally scored on "test", which neither training nor the search saw.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from unittest import mock
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+import compression.search as search_module
+from compression.accuracy import fidelity, predict_top1
+from compression.data import EvalData
+from compression.predictor import Predictor
+from compression.report import REPORT_JSON, write_reports
+from compression.search import SearchReport, run_search, training_threads
+from compression.settings import BudgetSettings, CompressionSettings, TargetSettings
+from server.digits.data import load_splits, normalize
+
+TRAINING_VERSION = 1
+MAX_BATCH = 8
+CALIBRATION_IMAGES = 2000
+"""First images of "train" given to the search as calibration (int8 ranges, KD recovery, students)."""
+RESULTS = "benchmark.json"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    image_size: int = 32
+    epochs: int = 5
+    batch_size: int = 128
+    max_lr: float = 4e-3
+    weight_decay: float = 5e-4
+    label_smoothing: float = 0.05
+    max_shift_px: int = 2
+    seed: int = 0
+
+    def key(self) -> str:
+        payload = json.dumps({"version": TRAINING_VERSION, **dataclasses.asdict(self)}, sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:10]
+
+
+@dataclass
+class FidelityResult:
+    recipe: dict[str, Any]
+    train_seconds: float | None
+    val_top1: float
+    test_top1: float
+    report: SearchReport
+    test: dict[str, dict[str, Any]]
+    """Variant name -> top1, top1_drop, top1_drop_ci95, agreement on "test" (or error)."""
+    calibration_images: int = CALIBRATION_IMAGES
+
+
+def preprocess(images: np.ndarray, size: int) -> torch.Tensor:
+    """uint8 (N, 28, 28) -> float32 (N, 3, size, size), normalized as the digits model is."""
+    x = torch.from_numpy(normalize(images))
+    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    return x.expand(-1, 3, -1, -1).contiguous()
+
+
+def _shift(x: torch.Tensor, max_px: int, gen: torch.Generator) -> torch.Tensor:
+    """Random translation by up to ``max_px`` pixels per image, filled with the background value."""
+    background = float(x.amin())
+    padded = F.pad(x, (max_px,) * 4, value=background)
+    offsets = torch.randint(0, 2 * max_px + 1, (len(x), 2), generator=gen).tolist()
+    size = x.shape[-1]
+    return torch.stack([padded[i, :, dy : dy + size, dx : dx + size] for i, (dy, dx) in enumerate(offsets)])
+
+
+def _top1(model: nn.Module, x: torch.Tensor, y: np.ndarray) -> float:
+    return float((predict_top1(model.eval(), x, 250) == y).mean())
+
+
+def train(recipe: Recipe, progress: Callable[[str], None]) -> nn.Module:
+    splits = load_splits()
+    x = preprocess(splits["train"].images, recipe.image_size)
+    y = torch.from_numpy(splits["train"].labels.copy())
+    val_x, val_y = preprocess(splits["val"].images, recipe.image_size), splits["val"].labels
+    with training_threads(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(recipe.seed)
+        gen = torch.Generator().manual_seed(recipe.seed)
+        model = torchvision.models.resnet18(weights=None, num_classes=10)
+        steps = math.ceil(len(y) / recipe.batch_size)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.max_lr, weight_decay=recipe.weight_decay)
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=recipe.max_lr, epochs=recipe.epochs, steps_per_epoch=steps
+        )
+        loss_fn = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
+        started = time.perf_counter()
+        for epoch in range(1, recipe.epochs + 1):
+            model.train()
+            order = torch.randperm(len(y), generator=gen)
+            for start in range(0, len(y), recipe.batch_size):
+                idx = order[start : start + recipe.batch_size]
+                loss = loss_fn(model(_shift(x[idx], recipe.max_shift_px, gen)), y[idx])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+            progress(
+                f"train epoch {epoch}/{recipe.epochs}: loss {float(loss.detach()):.3f}, "
+                f"val top-1 {_top1(model, val_x, val_y):.2%}, {time.perf_counter() - started:.0f} s"
+            )
+    return model.eval()
+
+
+def trained_model(folder: Path, recipe: Recipe, progress: Callable[[str], None]) -> tuple[nn.Module, float | None]:
+    """The trained resnet18 (cached in ``folder``) and its training seconds (None if it came from the cache)."""
+    path = folder / f"resnet18-digits{recipe.image_size}-{recipe.key()}.pt"
+    model = torchvision.models.resnet18(weights=None, num_classes=10)
+    if path.is_file():
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        progress(f"trained model loaded from {path}")
+        return model.eval(), None
+    progress(f"training resnet18 on {recipe.image_size}x{recipe.image_size} digits into {path}")
+    started = time.perf_counter()
+    model = train(recipe, progress)
+    seconds = round(time.perf_counter() - started, 1)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(model.state_dict(), tmp)
+    tmp.replace(path)
+    return model, seconds
+
+
+@contextmanager
+def _captured_predictors(into: dict[str, Predictor]) -> Iterator[None]:
+    """Keep every predictor the search builds, keyed by candidate name, to score it on "test" afterwards.
+
+    NOTE: run_search deletes the artifacts of variants it does not choose and returns only figures; the
+    predictors it measured are already loaded in memory (ONNX Runtime sessions, loaded AOTInductor
+    libraries, exported programs), so keeping references scores exactly what the search measured.
+    """
+    real = search_module.build_predictor
+
+    def build_and_keep(model: nn.Module, config: Any, ctx: Any, artifact_dir: Path, **kwargs: Any) -> Predictor:
+        predictor = real(model, config, ctx, artifact_dir, **kwargs)
+        into[artifact_dir.name] = predictor
+        return predictor
+
+    with mock.patch.object(search_module, "build_predictor", build_and_keep):
+        yield
+
+
+def _load_cached(folder: Path) -> FidelityResult | None:
+    try:
+        data = json.loads((folder / RESULTS).read_text())
+        data["report"] = SearchReport.from_json((folder / REPORT_JSON).read_text())
+        return FidelityResult(**data)
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+
+
+def cached_fidelity(out: Path, recipe: Recipe = Recipe()) -> FidelityResult | None:
+    return _load_cached(out / "fidelity" / f"search-{recipe.key()}")
+
+
+def run_fidelity(
+    out: Path, *, progress: Callable[[str], None], fresh_search: bool = False, recipe: Recipe = Recipe()
+) -> FidelityResult:
+    folder = out / "fidelity"
+    search_dir = folder / f"search-{recipe.key()}"
+    model, train_seconds = trained_model(folder, recipe, progress)
+    if not fresh_search and train_seconds is None and (cached := _load_cached(search_dir)) is not None:
+        progress(f"search results reused from {search_dir} (--fresh-search to redo)")
+        return cached
+    splits = load_splits()
+    size = recipe.image_size
+    train_x = preprocess(splits["train"].images, size)
+    val_x, val_y = preprocess(splits["val"].images, size), splits["val"].labels.astype(np.int64)
+    test_x, test_y = preprocess(splits["test"].images, size), splits["test"].labels.astype(np.int64)
+    data = EvalData(calibration=train_x[:CALIBRATION_IMAGES], validation=val_x, validation_labels=val_y)
+    settings = CompressionSettings(
+        target=TargetSettings(device="cpu", batch_size=1),
+        budget=BudgetSettings(max_accuracy_drop=1.0, objective="fastest"),
+    )
+    shutil.rmtree(search_dir, ignore_errors=True)
+    predictors: dict[str, Predictor] = {}
+    with _captured_predictors(predictors):
+        report = run_search(
+            model, settings, data, search_dir, model_name="resnet18-digits", max_batch_size=MAX_BATCH, progress=progress
+        )
+    write_reports(report, search_dir)
+    progress(f"scoring {len(predictors)} built variants on the {len(test_y)} test images")
+    reference = predict_top1(model, test_x, MAX_BATCH)
+    test: dict[str, dict[str, Any]] = {}
+    for name, predictor in predictors.items():
+        try:
+            measured = fidelity(predict_top1(predictor, test_x, MAX_BATCH), reference, test_y)
+            test[name] = {
+                "top1": measured.top1,
+                "top1_drop": measured.top1_drop,
+                "top1_drop_ci95": measured.top1_drop_ci95,
+                "agreement": measured.agreement,
+            }
+        except Exception as exc:  # noqa: BLE001 - report, do not crash
+            test[name] = {"error": f"{type(exc).__name__}: {exc}"}
+    result = FidelityResult(
+        recipe=dataclasses.asdict(recipe),
+        train_seconds=train_seconds,
+        val_top1=_top1(model, val_x, val_y),
+        test_top1=_top1(model, test_x, test_y),
+        report=report,
+        test=test,
+    )
+    payload = {k: v for k, v in dataclasses.asdict(result).items() if k != "report"}
+    (search_dir / RESULTS).write_text(json.dumps(payload, indent=2, default=str))
+    return result
