@@ -103,14 +103,14 @@ def _bench(args: argparse.Namespace) -> int:
         input_name, shape = metadata.inputs[0].name, batched_shape(metadata.inputs[0].shape, args.batch)
     image = args.image.read_bytes() if args.mode == "classify" else b""
 
-    metadata = auth_metadata(args.token)
+    auth = auth_metadata(args.token)
 
     async def load() -> LoadResult:
         async with open_channel(args.address) as channel:
             if args.mode == "infer":
-                call = infer_call(channel, args.model, input_name, shape, metadata=metadata)
+                call = infer_call(channel, args.model, input_name, shape, metadata=auth)
             else:
-                call = classify_call(channel, [image] * args.batch, model=args.model, metadata=metadata)
+                call = classify_call(channel, [image] * args.batch, model=args.model, metadata=auth)
             return await run_load(call, concurrency=args.concurrency, duration_s=args.duration, warmup_s=args.warmup)
 
     result = asyncio.run(load())
