@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +40,39 @@ def check_kd_fields(
     check_float("temperature", temperature, 0.0, low_open=True)
     check_float("alpha", alpha, 0.0, 1.0)
     check_float("lr", lr, 0.0, low_open=True)
+
+
+class FinetuneFields(Protocol):
+    """The KD recovery fields that pruning configs share."""
+
+    finetune_epochs: int
+    finetune_time_budget_s: float
+    temperature: float
+    alpha: float
+    lr: float
+
+
+def check_finetune_fields(config: FinetuneFields) -> None:
+    check_kd_fields(
+        config.finetune_epochs,
+        config.finetune_time_budget_s,
+        config.temperature,
+        config.alpha,
+        config.lr,
+        epochs_name="finetune_epochs",
+        budget_name="finetune_time_budget_s",
+    )
+
+
+def finetune_settings(config: FinetuneFields) -> DistillSettings:
+    """Distillation settings for a pruned model's recovery fine-tuning."""
+    return DistillSettings(
+        max_epochs=config.finetune_epochs,
+        time_budget_s=config.finetune_time_budget_s,
+        temperature=config.temperature,
+        alpha=config.alpha,
+        lr=config.lr,
+    )
 
 
 @dataclass(frozen=True)

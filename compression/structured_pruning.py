@@ -18,7 +18,7 @@ from torch import nn
 
 from compression.analysis import count_macs, count_params
 from compression.context import CompressionContext
-from compression.distillation import DistillSettings, check_kd_fields, distill
+from compression.distillation import DistillSettings, check_finetune_fields, distill, finetune_settings
 from compression.errors import TechniqueError, check_float, check_int
 from compression.techniques import register
 
@@ -77,24 +77,10 @@ class ChannelPruneConfig:
             object.__setattr__(self, "ignored_layers", tuple(names))  # NOTE: JSON brings a list
         if self.round_to is not None:
             check_int("round_to", self.round_to, 1)
-        check_kd_fields(
-            self.finetune_epochs,
-            self.finetune_time_budget_s,
-            self.temperature,
-            self.alpha,
-            self.lr,
-            epochs_name="finetune_epochs",
-            budget_name="finetune_time_budget_s",
-        )
+        check_finetune_fields(self)
 
     def distill_settings(self) -> DistillSettings:
-        return DistillSettings(
-            max_epochs=self.finetune_epochs,
-            time_budget_s=self.finetune_time_budget_s,
-            temperature=self.temperature,
-            alpha=self.alpha,
-            lr=self.lr,
-        )
+        return finetune_settings(self)
 
 
 def find_classifier(model: nn.Module, example: torch.Tensor) -> str:

@@ -17,7 +17,7 @@ from torch import nn
 
 from compression.analysis import prunable_weights, sparsity
 from compression.context import CompressionContext
-from compression.distillation import DistillSettings, check_kd_fields, distill
+from compression.distillation import DistillSettings, check_finetune_fields, distill, finetune_settings
 from compression.errors import check_float
 from compression.techniques import register
 
@@ -37,24 +37,10 @@ class MagnitudePruneConfig:
 
     def __post_init__(self) -> None:
         check_float("sparsity", self.sparsity, 0.0, 1.0, low_open=True, high_open=True)
-        check_kd_fields(
-            self.finetune_epochs,
-            self.finetune_time_budget_s,
-            self.temperature,
-            self.alpha,
-            self.lr,
-            epochs_name="finetune_epochs",
-            budget_name="finetune_time_budget_s",
-        )
+        check_finetune_fields(self)
 
     def distill_settings(self) -> DistillSettings:
-        return DistillSettings(
-            max_epochs=self.finetune_epochs,
-            time_budget_s=self.finetune_time_budget_s,
-            temperature=self.temperature,
-            alpha=self.alpha,
-            lr=self.lr,
-        )
+        return finetune_settings(self)
 
 
 @torch.no_grad()
