@@ -22,10 +22,20 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
-from protos import DESCRIPTOR_POOL, classifier_pb2, classifier_pb2_grpc, grpc_service_pb2, grpc_service_pb2_grpc
+from protos import (
+    DESCRIPTOR_POOL,
+    admin_pb2,
+    admin_pb2_grpc,
+    classifier_pb2,
+    classifier_pb2_grpc,
+    grpc_service_pb2,
+    grpc_service_pb2_grpc,
+)
+from server.admin_servicer import AdminServicer
 from server.batching import Forward
 from server.classify_servicer import ClassifierServicer
 from server.dataplane import DataPlane
+from server.guardrail import Guardrail
 from server.images import ImagePreprocessor
 from server.kserve_servicer import KServeServicer
 from server.loading import load_model
@@ -33,6 +43,7 @@ from server.metrics import MetricsEndpoint, ServerMetrics
 from server.registry import ORIGINAL, ModelRegistry, ServedModel
 from server.runners import original_predictor
 from server.settings import DeployConfig, ModelSettings
+from server.shadow import ShadowComparer
 from server.variants import CompressedVariants
 
 log = logging.getLogger("slimserve.app")
@@ -40,6 +51,7 @@ log = logging.getLogger("slimserve.app")
 SERVICE_NAMES = (
     grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
     classifier_pb2.DESCRIPTOR.services_by_name["Classifier"].full_name,
+    admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name,
 )
 
 
@@ -96,6 +108,8 @@ class SlimServer:
             await asyncio.sleep(0.01)
         if self._grpc is not None:
             await self._grpc.stop(max(0.0, deadline - time.monotonic()))
+        for shadow in self.plane.shadows.values():
+            await shadow.stop()
         await self.registry.stop()
         if self._metrics_endpoint is not None:
             self._metrics_endpoint.close()
@@ -120,6 +134,7 @@ class SlimServer:
         classifier_pb2_grpc.add_ClassifierServicer_to_server(
             ClassifierServicer(self.plane, lambda: self._ready), self._grpc
         )
+        admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(self.plane), self._grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
         _enable_reflection(self._grpc)
         address = _address(server_settings.host, server_settings.grpc_port)
@@ -155,12 +170,23 @@ class SlimServer:
         )
         self.registry.add_model(model)
         self.registry.add_variant(model, ORIGINAL, forward)
+        self._compare_live(model)
         seconds = time.perf_counter() - started
         self.metrics.load_seconds.labels(model.name, ORIGINAL).set(seconds)
         log.info(
             "model %r variant %r warm after %.2f s (max batch %d)", model.name, ORIGINAL, seconds, model.max_batch_size
         )
         await self.compressed.attach(model, loaded)
+
+    def _compare_live(self, model: ServedModel) -> None:
+        """Shadow comparison and guardrail for ``model``; idle until it has a compressed variant."""
+        settings = model.settings
+        if settings.compression is not None:
+            self.metrics.deploy.record_budget(model.name, settings.compression)
+        guardrail = Guardrail(model, settings.guardrail, self.registry, self.metrics.shadow)
+        shadow = ShadowComparer(model, settings.shadow, guardrail, self.metrics.shadow, self._inference_pool)
+        shadow.start()
+        self.plane.shadows[model.name] = shadow
 
     async def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType) -> None:
         for service in ("", *SERVICE_NAMES):

@@ -82,6 +82,8 @@ class DynamicBatcher:
         self._pending: deque[_Pending] = deque()
         self._queued_rows = 0
         self._wakeup = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
 
@@ -92,6 +94,19 @@ class DynamicBatcher:
     @property
     def queue_depth(self) -> int:
         return len(self._pending)
+
+    @property
+    def idle(self) -> bool:
+        return self._idle.is_set()
+
+    def run_now(self, inputs: np.ndarray) -> np.ndarray:
+        """Run ``inputs`` through the model on the calling thread, bypassing the queue and its accounting
+        (shadow comparisons call this on the inference thread)."""
+        return self._forward_rows([inputs])
+
+    async def wait_idle(self) -> None:
+        """Return once nothing is queued or running (background work such as shadow runs waits for this)."""
+        await self._idle.wait()
 
     def start(self) -> None:
         if self._task is None:
@@ -119,6 +134,7 @@ class DynamicBatcher:
         pending = _Pending(inputs, asyncio.get_running_loop().create_future())
         self._pending.append(pending)
         self._queued_rows += rows
+        self._idle.clear()
         self._wakeup.set()
         return await pending.future
 
@@ -132,6 +148,7 @@ class DynamicBatcher:
                 batch = self._take_batch()
                 if batch:
                     await self._execute(batch)
+            self._idle.set()
             if self._closing and not self._pending:
                 return
 

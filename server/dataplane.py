@@ -19,6 +19,7 @@ from server.batching import BatchResult
 from server.errors import InvalidArgument, ServingError
 from server.metrics import ServerMetrics
 from server.registry import ModelRegistry, ServedModel, Variant
+from server.shadow import ShadowComparer
 from server.tensors import softmax, top_k_indices
 
 log = logging.getLogger("slimserve.dataplane")
@@ -87,6 +88,8 @@ class DataPlane:
         self._decode_pool = decode_pool
         self.active_requests = 0
         """Requests received and not yet answered (all methods that run inference)."""
+        self.shadows: dict[str, ShadowComparer] = {}
+        """Per model name: the live comparison of its variants (and its guardrail)."""
 
     def track(self, method: str) -> RequestTrack:
         """Start accounting for a request; its ``finish`` must be called exactly once."""
@@ -106,6 +109,7 @@ class DataPlane:
         """Run ``inputs`` (batch, C, H, W) through the variant's batcher; returns its logits."""
         track.enqueued = time.perf_counter()
         track.result = await variant.batcher.submit(inputs)
+        self._offer_shadow(track.model, variant, inputs, track.result.outputs)
         return track.result.outputs
 
     async def classify(
@@ -124,11 +128,21 @@ class DataPlane:
         results = await asyncio.gather(*(variant.batcher.submit(part) for part in parts))
         track.result = results[0]
         logits = np.concatenate([r.outputs for r in results]) if len(results) > 1 else results[0].outputs
+        self._offer_shadow(model.name, variant, rows, logits)
         scores = softmax(logits)
         return [
             ClassifiedImage([(model.labels[i], int(i), float(row[i])) for i in indices])
             for row, indices in zip(scores, top_k_indices(scores, k))
         ]
+
+    def _offer_shadow(self, model: str, variant: Variant, inputs: np.ndarray, outputs: np.ndarray) -> None:
+        shadow = self.shadows.get(model)
+        if shadow is None:
+            return
+        try:
+            shadow.offer(variant, inputs, outputs)
+        except Exception:  # noqa: BLE001 - the caller's answer is ready; a comparison must never cost it
+            log.exception("model %r: could not queue a shadow comparison", model)
 
     async def _decode(self, model: ServedModel, images: list[bytes]) -> np.ndarray:
         loop = asyncio.get_running_loop()

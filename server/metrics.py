@@ -12,11 +12,15 @@ from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
 
+from compression.settings import CompressionSettings
 from server.batching import BatchRecord
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+DIVERGENCE_BUCKETS = (0.0001, 0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 VARIANT = ("model", "variant")
+PAIR = ("model", "variant", "shadow_variant")
+"""A shadow comparison: the variant that answered the caller, and the one it was compared with."""
 
 
 class ServerMetrics:
@@ -76,6 +80,7 @@ class ServerMetrics:
             registry=r,
         )
         self.deploy = DeployFigures(r)
+        self.shadow = ShadowMetrics(r)
         self.active = Gauge(
             "slimserve_variant_active",
             "1 for the variant that answers requests by default, else 0.",
@@ -101,6 +106,62 @@ class ServerMetrics:
     def set_active(self, model: str, variants: list[str], active: str) -> None:
         for variant in variants:
             self.active.labels(model, variant).set(1 if variant == active else 0)
+
+
+class ShadowMetrics:
+    """Live agreement between the variant that answered and the other one, plus the guardrail's state."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        r = registry
+        self.comparisons = Counter(
+            "slimserve_shadow_comparisons",
+            "Images run on both variants, by whether their top-1 classes agree (result = agree|disagree).",
+            [*PAIR, "result"],
+            registry=r,
+        )
+        self.divergence = Histogram(
+            "slimserve_shadow_divergence",
+            "Jensen-Shannon divergence (bits, 0..1) between the two variants' output distributions, per image.",
+            PAIR,
+            buckets=DIVERGENCE_BUCKETS,
+            registry=r,
+        )
+        self.dropped = Counter(
+            "slimserve_shadow_dropped",
+            "Sampled requests not compared: reason = busy (shadow queue full) or error (the shadow run failed).",
+            ["model", "reason"],
+            registry=r,
+        )
+        self.pending = Gauge(
+            "slimserve_shadow_pending", "Sampled requests waiting for an idle model.", ["model"], registry=r
+        )
+        self.window_agreement = Gauge(
+            "slimserve_guardrail_window_agreement_ratio",
+            "Top-1 agreement between original and compressed over the guardrail's window of compared images.",
+            ["model"],
+            registry=r,
+        )
+        self.window_samples = Gauge(
+            "slimserve_guardrail_window_samples", "Compared images in the guardrail's window.", ["model"], registry=r
+        )
+        self.min_agreement = Gauge(
+            "slimserve_guardrail_min_agreement_ratio",
+            "The guardrail's threshold: below it, the server rolls back to the original.",
+            ["model"],
+            registry=r,
+        )
+        self.rollbacks = Counter(
+            "slimserve_guardrail_rollbacks",
+            "Automatic switches back to the original because live agreement fell below the threshold.",
+            VARIANT,
+            registry=r,
+        )
+        self.pinned = Gauge(
+            "slimserve_variant_pinned",
+            "1 while an operator pins the model's default variant (the guardrail then does not switch).",
+            ["model"],
+            registry=r,
+        )
 
 
 class DeployFigures:
@@ -129,6 +190,33 @@ class DeployFigures:
         self.info = Info(
             "slimserve_deploy_variant", "The chain of techniques of each variant.", VARIANT, registry=registry
         )
+        self.budget_latency = Gauge(
+            "slimserve_budget_latency_seconds",
+            "The deploy config's latency budget (p95 at the budget's batch size).",
+            ["model", "quantile"],
+            registry=registry,
+        )
+        self.budget_top1_drop = Gauge(
+            "slimserve_budget_max_top1_drop_ratio",
+            "The deploy config's largest allowed top-1 drop.",
+            ["model"],
+            registry=registry,
+        )
+        self.budget_agreement = Gauge(
+            "slimserve_budget_min_agreement_ratio",
+            "The deploy config's smallest allowed agreement with the original.",
+            ["model"],
+            registry=registry,
+        )
+
+    def record_budget(self, model: str, compression: CompressionSettings) -> None:
+        budget = compression.budget
+        if budget.max_latency_ms is not None:
+            self.budget_latency.labels(model, "0.95").set(budget.max_latency_ms / 1000)
+        if budget.max_accuracy_drop is not None:
+            self.budget_top1_drop.labels(model).set(budget.max_accuracy_drop / 100)
+        if budget.min_agreement is not None:
+            self.budget_agreement.labels(model).set(budget.min_agreement)
 
     def record(self, model: str, variant: str, figures: object) -> None:
         """``figures`` is a ``compression.search.VariantReport``; missing figures leave no series."""

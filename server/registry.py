@@ -119,6 +119,15 @@ class ModelRegistry:
         self._metrics.set_active(model.name, list(model.variants), model.default_variant)
         return variant
 
+    def promote_compressed(
+        self, model: ServedModel, name: str, forward: Forward, properties: dict[str, str] | None = None
+    ) -> Variant:
+        """Add the compressed variant ``name``, address it also as "compressed", and make it the default."""
+        variant = self.add_variant(model, name, forward, properties)
+        model.aliases[COMPRESSED_ALIAS] = name
+        self.set_default(model, name)
+        return variant
+
     def set_default(self, model: ServedModel, name: str) -> None:
         """Atomically route new default-version requests to variant ``name``."""
         model.resolve(name)

@@ -104,6 +104,35 @@ class BatchingSettings(_Strict):
     """Requests waiting for the model beyond this are refused with RESOURCE_EXHAUSTED."""
 
 
+class ShadowSettings(_Strict):
+    """Live comparison: a sample of requests also runs on the model's other variant, off the hot path."""
+
+    fraction: float = Field(0.1, ge=0, le=1)
+    """Share of requests (once a compressed variant serves) also run on the other variant; 0 = off."""
+    max_pending: int = Field(64, ge=1)
+    """Sampled requests waiting for an idle model; more are dropped (and counted), never delaying callers."""
+    max_batch_size: int = Field(8, ge=1)
+    """Most rows per shadow forward pass: a caller arriving meanwhile waits at most one such pass."""
+
+
+class GuardrailSettings(_Strict):
+    """Roll back to the original when live agreement with it falls below a threshold."""
+
+    enabled: bool = True
+    min_agreement: float = Field(0.9, gt=0, le=1)
+    """Share of shadow-compared images whose top-1 matches between the original and the compressed variant."""
+    window: int = Field(500, ge=10)
+    """Agreement is taken over the last this many compared images."""
+    min_samples: int = Field(100, ge=1)
+    """No verdict before this many images have been compared (a few early disagreements are noise)."""
+
+    @model_validator(mode="after")
+    def _check(self) -> GuardrailSettings:
+        if self.min_samples > self.window:
+            raise ValueError(f"min_samples ({self.min_samples}) must not exceed window ({self.window})")
+        return self
+
+
 class ModelSettings(_Strict):
     # NOTE: YAML reads `labels: [0, 1, 2]` as numbers; they are labels all the same.
     model_config = ConfigDict(extra="forbid", frozen=True, coerce_numbers_to_str=True)
@@ -122,6 +151,8 @@ class ModelSettings(_Strict):
     """Classify requests with more images are rejected with INVALID_ARGUMENT."""
     compression: CompressionSettings | None = None
     """Deploy-time compression under a budget; None = serve the original only."""
+    shadow: ShadowSettings = ShadowSettings()
+    guardrail: GuardrailSettings = GuardrailSettings()
 
     @model_validator(mode="after")
     def _check(self) -> ModelSettings:

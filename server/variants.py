@@ -23,7 +23,7 @@ from compression.search import VariantReport
 from server.batching import Forward
 from server.loading import LoadedModel
 from server.metrics import DeployFigures
-from server.registry import COMPRESSED_ALIAS, ModelRegistry, ServedModel
+from server.registry import ModelRegistry, ServedModel
 from server.settings import DeployConfig
 
 log = logging.getLogger("slimserve.variants")
@@ -148,9 +148,7 @@ class CompressedVariants:
         chosen = report.variant(report.chosen)
         self._figures.record(model.name, "original", report.original)
         self._figures.record(model.name, report.chosen, chosen)
-        self._registry.add_variant(model, report.chosen, predictor, variant_properties(chosen, entry))
-        model.aliases[COMPRESSED_ALIAS] = report.chosen
-        self._registry.set_default(model, report.chosen)
+        self._registry.promote_compressed(model, report.chosen, predictor, variant_properties(chosen, entry))
         if not report.budget_met:
             log.warning("model %r: %s", model.name, report.reason)
         log.info(
