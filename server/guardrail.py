@@ -95,6 +95,8 @@ class Guardrail:
     def _check(self, rate: float | None) -> None:
         settings = self._settings
         compressed = self._model.aliases.get(COMPRESSED_ALIAS)
+        if compressed is not None:
+            self._metrics.rollbacks.labels(self._model.name, compressed)  # the series exists (at 0) before any rollback
         if (
             not settings.enabled
             or self.pinned

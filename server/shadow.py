@@ -75,6 +75,8 @@ class ShadowComparer:
         self._task: asyncio.Task[None] | None = None
         self._random = random.Random()
         self._pending_gauge = metrics.pending.labels(model.name)
+        for reason in ("busy", "error"):
+            metrics.dropped.labels(model.name, reason)  # series at 0, so rates and alerts see them
 
     def start(self) -> None:
         if self._task is None and self._settings.fraction > 0:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -10,36 +9,11 @@ from pathlib import Path
 import pytest
 import tritonclient.grpc as triton
 
-from compression.settings import CompressionSettings
 from server.digits.data import load_splits, normalize
-from server.digits.model import ensure_trained
-from server.settings import DeployConfig, default_config
+from tests.compressed_digits import CHOSEN, digits_config, seed_trained_digits
 from tests.serving import running_server, sample_value, scrape
 
 pytestmark = pytest.mark.slow
-
-CHOSEN = "int8-onnxruntime"
-
-
-def seed_trained_digits(cache_dir: Path) -> None:
-    """Copy the already trained digits weights, so only the compression cache starts empty."""
-    weights = ensure_trained()
-    (cache_dir / "digits").mkdir(parents=True)
-    shutil.copy(weights, cache_dir / "digits" / weights.name)
-
-
-def digits_config(cache_dir: Path) -> DeployConfig:
-    """Digits with a one-candidate search, caching under ``cache_dir``."""
-    compression = CompressionSettings.model_validate(
-        {
-            "data": {"calibration_size": 256, "validation_size": 200},
-            "measurement": {"warmup": 3, "iterations": 20},
-            "candidates": [{"name": CHOSEN, "realization": {"runtime": "onnxruntime", "precision": "int8"}}],
-        }
-    )
-    config = default_config()
-    model = config.models[0].model_copy(update={"compression": compression})
-    return config.model_copy(update={"models": [model], "cache_dir": cache_dir})
 
 
 def test_requests_during_startup_compression_all_succeed(tmp_path: Path) -> None:
