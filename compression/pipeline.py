@@ -33,7 +33,9 @@ class CompressedEntry:
 def compression_key(settings: ModelSettings, loaded: LoadedModel) -> tuple[str, dict]:
     compression = settings.compression
     assert compression is not None
-    model_part = settings.model_dump(mode="json", exclude={"compression", "batching", "name"})
+    # NOTE: only what shapes the artifact; serving-time settings (batching, shadow, guardrail, limits) do not.
+    serving_only = {"compression", "batching", "name", "shadow", "guardrail", "max_images_per_request"}
+    model_part = settings.model_dump(mode="json", exclude=serving_only)
     return cache_key(
         model_file=loaded.source_file,
         model_settings=model_part,
