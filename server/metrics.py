@@ -81,6 +81,9 @@ class ServerMetrics:
         )
         self.deploy = DeployFigures(r)
         self.shadow = ShadowMetrics(r)
+        self.variant_info = Info(
+            "slimserve_variant", "Each loaded variant's Triton version number and device.", VARIANT, registry=r
+        )
         self.active = Gauge(
             "slimserve_variant_active",
             "1 for the variant that answers requests by default, else 0.",

@@ -116,6 +116,9 @@ class ModelRegistry:
         batcher.start()
         variant = Variant(name, str(len(model.variants) + 1), batcher, stats, properties or {})
         model.variants[name] = variant
+        self._metrics.variant_info.labels(model.name, name).info(
+            {"version": variant.version, "device": model.settings.device}
+        )
         self._metrics.set_active(model.name, list(model.variants), model.default_variant)
         return variant
 

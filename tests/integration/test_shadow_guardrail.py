@@ -119,6 +119,8 @@ def test_every_sampled_request_is_compared_and_agrees(
         == 1
     )
     assert sample_value(metrics["slimserve_guardrail_rollbacks"], "slimserve_guardrail_rollbacks_total") == 0
+    info = {s.labels["variant"]: s.labels for s in metrics["slimserve_variant"]}
+    assert (info["original"]["version"], info["copy"]["version"], info["copy"]["device"]) == ("1", "2", "cpu")
 
 
 def test_samples_beyond_the_queue_are_dropped_and_counted_never_lost(
