@@ -119,7 +119,7 @@ def test_every_sampled_request_is_compared_and_agrees(
         == 1
     )
     assert sample_value(metrics["slimserve_guardrail_rollbacks"], "slimserve_guardrail_rollbacks_total") == 0
-    info = {s.labels["variant"]: s.labels for s in metrics["slimserve_variant"]}
+    info = {s.labels["variant"]: s.labels for s in metrics["slimserve_variant_info"]}
     assert (info["original"]["version"], info["copy"]["version"], info["copy"]["device"]) == ("1", "2", "cpu")
 
 
