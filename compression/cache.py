@@ -1,10 +1,11 @@
 """Content-addressed cache of search results: same inputs -> same key -> no recompression.
 
 The key hashes everything that changes the outcome: the model's weights file, its deploy settings,
-the compression settings, the device and CPU instruction set (compiled kernels are built for it), and
-library versions. A search writes into a private temporary folder and publishes it with one atomic
-rename, so a process killed mid-search leaves nothing a restart would load. A file lock makes two
-replicas starting together compress once: the second waits, then loads.
+the compression settings, the device class (``cpu`` with the CPU instruction set, or the GPU model and
+compute capability: compiled kernels are built for it), and library versions. A search writes into a
+private temporary folder and publishes it with one atomic rename, so a process killed mid-search
+leaves nothing a restart would load. A file lock makes two replicas starting together compress
+once: the second waits, then loads.
 """
 
 from __future__ import annotations
@@ -47,6 +48,23 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
+def accelerator_class(device: str) -> str | None:
+    """The GPU model and compute capability behind a ``cuda[:N]`` device; None for the CPU.
+
+    Kernels compiled (and latencies measured) on one GPU architecture do not carry over to another, so
+    replicas on different GPU types get different artifacts.
+    """
+    if not device.startswith("cuda"):
+        return None
+    import torch
+
+    if not torch.cuda.is_available():
+        return "cuda-unavailable"
+    index = torch.device(device).index or 0
+    major, minor = torch.cuda.get_device_capability(index)
+    return f"{torch.cuda.get_device_name(index)} sm_{major}{minor}"
+
+
 def cache_key(
     *, model_file: Path | None, model_settings: dict[str, Any], compression_settings: dict[str, Any], device: str
 ) -> tuple[str, dict[str, Any]]:
@@ -59,6 +77,8 @@ def cache_key(
         "cpu_isa": current_cpu_isa(),
         "versions": library_versions(),
     }
+    if (accelerator := accelerator_class(device)) is not None:
+        inputs["accelerator"] = accelerator  # only for GPUs, so CPU keys stay what they were
     blob = json.dumps(inputs, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:KEY_LENGTH], inputs
 
@@ -84,9 +104,15 @@ class ArtifactCache:
 
     @contextmanager
     def staging(self, model_name: str, key: str) -> Iterator[Path]:
-        """A private folder to build in; published atomically if the block completes, else removed."""
+        """A private folder to build in; published atomically if the block completes, else removed.
+
+        Call it while holding :meth:`lock` for the key: it removes the key's staging folders left behind
+        by killed processes."""
         entry = self.entry(model_name, key)
         entry.parent.mkdir(parents=True, exist_ok=True)
+        # NOTE: callers hold the key's lock, so leftovers are from a process killed mid-search.
+        for stale in entry.parent.glob(f".{key}.partial-*"):
+            shutil.rmtree(stale, ignore_errors=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{key}.partial-", dir=entry.parent))
         try:
             yield staging
