@@ -113,6 +113,10 @@ class ShadowSettings(_Strict):
     """Sampled requests waiting for an idle model; more are dropped (and counted), never delaying callers."""
     max_batch_size: int = Field(8, ge=1)
     """Most rows per shadow forward pass: a caller arriving meanwhile waits at most one such pass."""
+    max_compute_share: float = Field(0.05, gt=0, le=1)
+    """Most of the wall-clock time that shadow passes may take: after a pass of ``t`` seconds the next waits
+    ``t / max_compute_share``. The model being idle does not mean the cores are (gRPC and decoding use
+    them too), so this caps what comparison takes from serving."""
 
 
 class GuardrailSettings(_Strict):

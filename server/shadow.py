@@ -3,7 +3,8 @@
 Off the hot path: a request's response never waits for its shadow run. Sampled inputs wait in a
 bounded queue and run only while every variant of the model is idle, so a caller that arrives during a
 shadow pass waits at most one pass of ``shadow.max_batch_size`` rows (larger requests are compared on
-their first rows); when the queue is full the sample is dropped and counted. Each compared image adds
+their first rows), and passes take at most ``shadow.max_compute_share`` of the wall-clock time; when
+the queue is full the sample is dropped and counted. Each compared image adds
 to a top-1 agree/disagree counter and to a histogram of the Jensen-Shannon divergence between the two
 output distributions, and feeds the model's :class:`~server.guardrail.Guardrail`.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from collections import deque
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -74,6 +76,8 @@ class ShadowComparer:
         self._arrived = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._random = random.Random()
+        self._next_pass_at = 0.0
+        """perf_counter time before which no shadow pass starts (``shadow.max_compute_share``)."""
         self._pending_gauge = metrics.pending.labels(model.name)
         for reason in ("busy", "error"):
             metrics.dropped.labels(model.name, reason)  # series at 0, so rates and alerts see them
@@ -115,18 +119,23 @@ class ShadowComparer:
             while not self._samples:
                 self._arrived.clear()
                 await self._arrived.wait()
+            await asyncio.sleep(max(0.0, self._next_pass_at - time.perf_counter()))
             await self._model_idle()
             samples = [self._samples.popleft()]
             while self._samples and self._fits(samples, self._samples[0]):
                 samples.append(self._samples.popleft())
             self._pending_gauge.set(len(self._samples))
             inputs = np.concatenate([s.inputs for s in samples])
+            started = time.perf_counter()
             try:
                 shadow_outputs = await loop.run_in_executor(self._executor, samples[0].shadow.batcher.run_now, inputs)
             except Exception:
                 log.exception("model %r: shadow run on %r failed", self._model.name, samples[0].shadow.name)
                 self._metrics.dropped.labels(self._model.name, "error").inc(len(samples))
                 continue
+            finally:
+                took = time.perf_counter() - started
+                self._next_pass_at = started + took / self._settings.max_compute_share
             self._record(samples, np.concatenate([s.outputs for s in samples]), shadow_outputs)
 
     def _fits(self, samples: list[_Sample], candidate: _Sample) -> bool:
