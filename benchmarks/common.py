@@ -35,9 +35,11 @@ class ServerProcess:
 
 @contextmanager
 def slimserve_process(
-    config: Path | None, *, log_path: Path | None = None, ready_timeout_s: float = 900
+    config: Path | None, *, log_path: Path | None = None, ready_timeout_s: float = 900, wait: bool = True
 ) -> Iterator[ServerProcess]:
-    """``slimserve serve`` in its own process (its own GIL and cores), stopped with SIGTERM afterwards."""
+    """``slimserve serve`` in its own process (its own GIL and cores), stopped with SIGTERM afterwards.
+
+    With ``wait=False`` it yields as soon as the process has started (call :func:`wait_ready` later)."""
     grpc_port, metrics_port = free_port(), free_port()
     command = [
         sys.executable,
@@ -57,7 +59,8 @@ def slimserve_process(
     process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
     address = f"127.0.0.1:{grpc_port}"
     try:
-        wait_ready(address, process, ready_timeout_s)
+        if wait:
+            wait_ready(address, process, ready_timeout_s)
         yield ServerProcess(address, f"http://127.0.0.1:{metrics_port}/metrics", process)
     finally:
         process.terminate()

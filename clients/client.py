@@ -14,11 +14,11 @@ import logging
 from collections.abc import Sequence
 from types import TracebackType
 
-import grpc
 import numpy as np
 
 from clients.codec import build_classify_request, build_infer_request, output_array
-from protos import classifier_pb2, classifier_pb2_grpc
+from clients.tls import Tls, sync_channel
+from protos import admin_pb2, admin_pb2_grpc, classifier_pb2, classifier_pb2_grpc
 from protos import grpc_service_pb2 as pb
 from protos import grpc_service_pb2_grpc as pb_grpc
 
@@ -43,17 +43,25 @@ class SlimserveClient:
     """A plain gRPC channel to one server, with stubs for both services.
 
     `timeout` (seconds) is the deadline of every call; None means no deadline.
+    `tls` makes the channel TLS (mutual TLS with a client certificate); `token`
+    is sent as a bearer token with every call.
     """
 
     def __init__(
-        self, address: str = DEFAULT_ADDRESS, *, token: str | None = None, timeout: float | None = None
+        self,
+        address: str = DEFAULT_ADDRESS,
+        *,
+        token: str | None = None,
+        timeout: float | None = None,
+        tls: Tls | None = None,
     ) -> None:
         self.address = address
         self.timeout = timeout
         self.metadata = auth_metadata(token)
-        self._channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self._channel = sync_channel(address, tls, CHANNEL_OPTIONS)
         self._inference = pb_grpc.GRPCInferenceServiceStub(self._channel)
         self._classifier = classifier_pb2_grpc.ClassifierStub(self._channel)
+        self._admin = admin_pb2_grpc.AdminStub(self._channel)
         # (model, version) -> metadata; a model's inputs do not change while it is served.
         self._metadata_cache: dict[tuple[str, str], pb.ModelMetadataResponse] = {}
 
@@ -89,6 +97,15 @@ class SlimserveClient:
         request = build_infer_request(model, input_name, np.asarray(inputs), datatype=datatype, version=version)
         response = self._inference.ModelInfer(request, **self._call_options())
         return output_array(response)
+
+    def variant_state(self, model: str) -> admin_pb2.VariantState:
+        """Which variant answers ``model`` by default, whether it is pinned, and the guardrail's figures."""
+        return self._admin.GetVariant(admin_pb2.GetVariantRequest(model_name=model), **self._call_options())
+
+    def set_variant(self, model: str, variant: str = "", *, pin: bool = False) -> admin_pb2.VariantState:
+        """Make ``variant`` the default ("" keeps the current one); ``pin`` stops the guardrail switching it."""
+        request = admin_pb2.SetVariantRequest(model_name=model, variant=variant, pin=pin)
+        return self._admin.SetVariant(request, **self._call_options())
 
     def server_ready(self) -> bool:
         return self._inference.ServerReady(pb.ServerReadyRequest(), **self._call_options()).ready

@@ -26,6 +26,7 @@ import numpy as np
 
 from clients.client import CHANNEL_OPTIONS
 from clients.codec import build_classify_request, build_infer_request
+from clients.tls import Tls, aio_channel
 from protos import classifier_pb2_grpc
 from protos import grpc_service_pb2_grpc as pb_grpc
 
@@ -118,9 +119,29 @@ async def run_load(make_call: Call, *, concurrency: int, duration_s: float, warm
     return result
 
 
-def open_channel(address: str) -> grpc.aio.Channel:
-    """An insecure grpc.aio channel with slimserve's message limits; create it inside the event loop."""
-    return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+async def run_levels(
+    address: str,
+    make_call: Callable[[grpc.aio.Channel], Call],
+    concurrency: Sequence[int],
+    *,
+    duration_s: float,
+    warmup_s: float,
+) -> dict[int, LoadResult]:
+    """`run_load` at each concurrency in turn, over one channel to `address`; each level has its own warm-up."""
+    channel = open_channel(address)
+    try:
+        call = make_call(channel)
+        return {
+            level: await run_load(call, concurrency=level, duration_s=duration_s, warmup_s=warmup_s)
+            for level in concurrency
+        }
+    finally:
+        await channel.close()
+
+
+def open_channel(address: str, tls: Tls | None = None) -> grpc.aio.Channel:
+    """A grpc.aio channel with slimserve's message limits (TLS when `tls` is given); create it inside the event loop."""
+    return aio_channel(address, tls, CHANNEL_OPTIONS)
 
 
 def classify_call(
@@ -137,6 +158,11 @@ def classify_call(
     return partial(classifier_pb2_grpc.ClassifierStub(channel).Classify, request, metadata=tuple(metadata))
 
 
+def random_input(shape: Sequence[int], seed: int = 0) -> np.ndarray:
+    """The FP32 tensor a load run sends: standard normal, the same for the same `shape` and `seed`."""
+    return np.random.default_rng(seed).standard_normal(tuple(shape), dtype=np.float32)
+
+
 def infer_call(
     channel: grpc.aio.Channel,
     model: str,
@@ -148,6 +174,6 @@ def infer_call(
     seed: int = 0,
 ) -> Call:
     """A call that sends one ModelInfer request with a random FP32 tensor of `shape`; built once."""
-    array = np.random.default_rng(seed).standard_normal(tuple(shape), dtype=np.float32)
+    array = random_input(shape, seed)
     request = build_infer_request(model, input_name, array, datatype="FP32", version=version)
     return partial(pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer, request, metadata=tuple(metadata))

@@ -10,6 +10,7 @@ from pathlib import Path
 from compression.cache import REPORT_NAME, ArtifactCache, cache_key
 from compression.data import load_eval_data
 from compression.report import write_reports
+from compression.runtime_manifest import ArtifactError, read_manifest
 from compression.search import SearchReport, run_search
 from compression.settings import CompressionSettings
 from server.loading import LoadedModel
@@ -45,13 +46,24 @@ def compression_key(settings: ModelSettings, loaded: LoadedModel) -> tuple[str, 
 
 
 def cached_entry(settings: ModelSettings, loaded: LoadedModel, cache_root: Path) -> CompressedEntry | None:
-    """The published search result for these exact inputs, if there is one."""
+    """The published search result for these exact inputs, if there is one and its files verify.
+
+    The chosen artifact's files are checked against the sha256 in its manifest: an entry that fails
+    (edited, truncated, bit rot) is treated as missing, so it is rebuilt, never served.
+    """
     key, _ = compression_key(settings, loaded)
     cache = ArtifactCache(cache_root)
     if not cache.is_complete(settings.name, key):
         return None
     folder = cache.entry(settings.name, key)
-    return CompressedEntry(folder, SearchReport.from_json((folder / REPORT_NAME).read_text()))
+    try:
+        entry = CompressedEntry(folder, SearchReport.from_json((folder / REPORT_NAME).read_text()))
+        if entry.chosen_artifact is not None:
+            read_manifest(entry.chosen_artifact)
+    except (ArtifactError, OSError, ValueError, TypeError, KeyError, StopIteration) as exc:
+        log.warning("model %r: cached result %s is unusable, so it will be rebuilt: %s", settings.name, folder, exc)
+        return None
+    return entry
 
 
 def compress(
@@ -69,9 +81,10 @@ def compress(
     key, key_inputs = compression_key(settings, loaded)
     cache = ArtifactCache(cache_root)
     with cache.lock(settings.name, key):
-        if cache.is_complete(settings.name, key):
+        entry = cached_entry(settings, loaded, cache_root)
+        if entry is not None:
             progress(f"model {settings.name!r}: cached compression result {key} found; no search needed")
-            return cached_entry(settings, loaded, cache_root)  # type: ignore[return-value]
+            return entry
         progress(f"model {settings.name!r}: searching (cache key {key})")
         data = load_eval_data(compression.data, settings.preprocessing, loaded.input_shape, max_image_pixels)
         with cache.staging(settings.name, key) as staging:

@@ -35,6 +35,7 @@ from server.admin_servicer import AdminServicer
 from server.batching import Forward
 from server.classify_servicer import ClassifierServicer
 from server.dataplane import DataPlane
+from server.gpu_metrics import register_gpu_metrics
 from server.guardrail import Guardrail
 from server.images import ImagePreprocessor
 from server.kserve_servicer import KServeServicer
@@ -42,6 +43,7 @@ from server.loading import load_model
 from server.metrics import MetricsEndpoint, ServerMetrics
 from server.registry import ORIGINAL, ModelRegistry, ServedModel
 from server.runners import original_predictor
+from server.security import add_port, server_interceptors
 from server.settings import DeployConfig, ModelSettings
 from server.shadow import ShadowComparer
 from server.variants import CompressedVariants
@@ -63,6 +65,7 @@ class SlimServer:
     def __init__(self, config: DeployConfig) -> None:
         self.config = config
         self.metrics = ServerMetrics()
+        register_gpu_metrics(self.metrics.registry, [m.device for m in config.models])
         # NOTE: one inference thread: torch already uses every core inside a forward pass, and a single
         # thread lets the next batch gather while the current one runs.
         self._inference_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
@@ -121,12 +124,13 @@ class SlimServer:
         server_settings = self.config.server
         limit = server_settings.max_message_bytes
         self._grpc = grpc.aio.server(
+            interceptors=server_interceptors(server_settings),
             options=[
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),
                 # NOTE: without this a second server could silently share the port with a first one.
                 ("grpc.so_reuseport", 0),
-            ]
+            ],
         )
         grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
             KServeServicer(self.plane, lambda: self._ready), self._grpc
@@ -139,7 +143,7 @@ class SlimServer:
         _enable_reflection(self._grpc)
         address = _address(server_settings.host, server_settings.grpc_port)
         try:
-            self.grpc_port = self._grpc.add_insecure_port(address)
+            self.grpc_port = add_port(self._grpc, address, server_settings.tls)
         except RuntimeError as exc:
             raise StartupError(f"cannot listen for gRPC on {address}: {exc}") from exc
         if self.grpc_port == 0:
@@ -162,7 +166,10 @@ class SlimServer:
         started = time.perf_counter()
         cache_dir = self.config.resolved_cache_dir()
         loaded = await asyncio.to_thread(load_model, settings, cache_dir)
-        preprocessor = ImagePreprocessor(settings.preprocessing, self.config.server.max_image_pixels)
+        server_settings = self.config.server
+        preprocessor = ImagePreprocessor(
+            settings.preprocessing, server_settings.max_image_pixels, server_settings.allowed_image_formats
+        )
         model = ServedModel(settings, loaded.labels, loaded.input_shape, loaded.num_classes, preprocessor)
         forward = original_predictor(loaded, settings)
         await asyncio.get_running_loop().run_in_executor(

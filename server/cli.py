@@ -8,10 +8,12 @@ import logging
 import sys
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from server import __version__
 from server.app import StartupError, serve
 from server.loading import ModelLoadError
-from server.settings import ConfigError, DeployConfig, default_config, load_config
+from server.settings import ConfigError, DeployConfig, default_config, format_validation_error, load_config
 
 log = logging.getLogger("slimserve")
 LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR"]
@@ -28,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve_cmd.add_argument("--host", help="interface to listen on (default 0.0.0.0)")
     serve_cmd.add_argument("--grpc-port", type=int, help="gRPC port (default 8001)")
     serve_cmd.add_argument("--metrics-port", type=int, help="Prometheus /metrics HTTP port (default 8002)")
+    serve_cmd.add_argument("--metrics-host", help="interface for /metrics (default: the gRPC interface)")
     serve_cmd.add_argument("--log-level", default="INFO", choices=LOG_LEVELS)
     compress_cmd = commands.add_parser(
         "compress", help="run the budgeted compression search (cached) and write its reports"
@@ -43,10 +46,15 @@ def resolve_config(args: argparse.Namespace) -> DeployConfig:
     """The deploy config with command-line overrides applied (flags win over the file)."""
     config = load_config(args.config) if args.config else default_config()
     overrides = {
-        key: value for key in ("host", "grpc_port", "metrics_port") if (value := getattr(args, key, None)) is not None
+        key: value
+        for key in ("host", "grpc_port", "metrics_port", "metrics_host")
+        if (value := getattr(args, key, None)) is not None
     }
     if overrides:
-        server = config.server.model_validate({**config.server.model_dump(), **overrides})
+        try:
+            server = config.server.model_validate({**config.server.model_dump(), **overrides})
+        except ValidationError as exc:
+            raise ConfigError(format_validation_error(Path("(command-line flags)"), exc)) from exc
         config = config.model_copy(update={"server": server})
     return config
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import reprlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,11 +44,18 @@ def parse_inputs(request: pb.ModelInferRequest, model: ServedModel) -> np.ndarra
         raise InvalidArgument(f"{what} has shape {shape}, expected {expected}")
     if not 1 <= shape[0] <= model.max_batch_size:
         raise InvalidArgument(f"{what}: batch size {shape[0]} is outside 1..{model.max_batch_size}")
+    typed = [f"contents.{field.name}" for field, _ in tensor.contents.ListFields()]
     if request.raw_input_contents:
+        if typed:
+            raise InvalidArgument(f"{what} has both raw_input_contents and {typed[0]}: send its data once")
         if len(request.raw_input_contents) != 1:
             raise InvalidArgument(f"{len(request.raw_input_contents)} raw_input_contents entries for 1 input")
         return array_from_raw(request.raw_input_contents[0], INPUT_DATATYPE, shape, what)
     field = TYPED_CONTENTS_FIELD[INPUT_DATATYPE]
+    if not typed:
+        raise InvalidArgument(f"{what} has no data: send raw_input_contents or contents.{field}")
+    if typed != [f"contents.{field}"]:
+        raise InvalidArgument(f"{what} is {INPUT_DATATYPE}: send its values in contents.{field} only, got {typed}")
     return array_from_typed(getattr(tensor.contents, field), INPUT_DATATYPE, shape, what)
 
 
@@ -93,10 +101,13 @@ def _classification_k(parameters: object) -> int | None:
     param = params[CLASSIFICATION]
     kind = param.WhichOneof("parameter_choice")
     value: object = getattr(param, kind) if kind else None
-    if kind == "string_param" and isinstance(value, str) and value.strip().isdigit():
-        value = int(value)
+    if kind == "string_param" and isinstance(value, str):
+        try:
+            value = int(value)
+        except ValueError:
+            pass  # reported below, with the value as sent
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise InvalidArgument(
-            f"output parameter {CLASSIFICATION!r} must be a positive integer (the top-k), got {value!r}"
+            f"output parameter {CLASSIFICATION!r} must be a positive integer (the top-k), got {reprlib.repr(value)}"
         )
     return value

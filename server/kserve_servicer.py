@@ -24,6 +24,8 @@ from server.stats import Duration, InferenceStats
 SERVER_NAME = "slimserve"
 EXTENSIONS = ["classification", "model_configuration", "statistics"]
 PLATFORM = "pytorch_libtorch"
+STATUS_CODE_PARAMETER = "status_code"
+"""On a stream error, the echoed response carries the gRPC status code's name (e.g. INVALID_ARGUMENT)."""
 
 
 class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
@@ -130,19 +132,22 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
                 echo = pb.ModelInferResponse(
                     model_name=request.model_name, model_version=request.model_version, id=request.id
                 )
+                echo.parameters[STATUS_CODE_PARAMETER].string_param = code.name
                 await responses.put(pb.ModelStreamInferResponse(error_message=message, infer_response=echo))
                 return
             track.finish(grpc.StatusCode.OK)
             await responses.put(pb.ModelStreamInferResponse(infer_response=response))
 
         async def read_all() -> None:
-            async for request in requests:
-                task = asyncio.create_task(answer(request))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
-            while tasks:
-                await asyncio.gather(*list(tasks))
-            await responses.put(None)
+            try:
+                async for request in requests:
+                    task = asyncio.create_task(answer(request))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+                while tasks:
+                    await asyncio.gather(*list(tasks))
+            finally:
+                await responses.put(None)  # also when reading fails (a malformed message): end the call
 
         reader = asyncio.create_task(read_all())
         try:

@@ -1,7 +1,8 @@
 """Turn a model's deploy settings into an eval-mode ``nn.Module`` and its labels.
 
 Weights files are read with ``torch.load(weights_only=True)``: a state_dict of tensors, never
-arbitrary pickled objects.
+arbitrary pickled objects. The one exception is a ``pickle`` source, which the config must mark
+``trust_pickle: true`` (its validator refuses it otherwise).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from server.settings import (
     BuiltinSource,
     ExportSource,
     ModelSettings,
+    PickleSource,
     PythonSource,
     TorchScriptSource,
     TorchvisionSource,
@@ -91,6 +93,8 @@ def _load_module(settings: ModelSettings, cache_dir: Path) -> tuple[nn.Module, P
         except Exception as exc:  # noqa: BLE001 - torch raises many types for a bad archive
             raise ModelLoadError(f"{source.path} is not a torch.export program: {exc}") from exc
         return program.module(), source.path
+    if isinstance(source, PickleSource):
+        return _load_trusted_pickle(settings, source), source.path
     raise ModelLoadError(f"unsupported source format {source.format!r}")
 
 
@@ -142,12 +146,28 @@ def _load_python(settings: ModelSettings, source: PythonSource) -> nn.Module:
     return model
 
 
+def _load_trusted_pickle(settings: ModelSettings, source: PickleSource) -> nn.Module:
+    """A whole pickled module; only reached when the config set ``trust_pickle: true`` for this file."""
+    if not source.trust_pickle:  # the settings validator refuses this already; never unpickle untrusted files
+        raise ModelLoadError(f"model {settings.name!r}: source.trust_pickle is false; refusing to unpickle")
+    _require_file(source.path, "source.path")
+    log.warning("model %r: unpickling %s (trust_pickle: true)", settings.name, source.path)
+    try:
+        model = torch.load(source.path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # noqa: BLE001 - the unpickler raises many types
+        raise ModelLoadError(f"model {settings.name!r}: cannot unpickle {source.path}: {exc}") from exc
+    if not isinstance(model, nn.Module):
+        raise ModelLoadError(f"model {settings.name!r}: {source.path} holds a {type(model).__name__}, not a Module")
+    return model
+
+
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - the unpickler raises many types
         raise ModelLoadError(
-            f"{path} is not a state_dict that loads with weights_only=True (full pickled models are refused): {exc}"
+            f"{path} is not a state_dict that loads with weights_only=True (full pickled models are refused; "
+            f"for a whole model you trust use source {{format: pickle, path: ..., trust_pickle: true}}): {exc}"
         ) from exc
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]

@@ -19,6 +19,18 @@ class HasPlane(Protocol):
     plane: DataPlane
 
 
+DEADLINE_SLACK_S = 0.1
+"""A client's own deadline timer fires a little before the server's (which starts when the request
+arrives), and its cancel can arrive first: a cancel this close to the deadline counts as the deadline."""
+
+
+def cancelled_code(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
+    """Why gRPC cancelled a call: its deadline passed (DEADLINE_EXCEEDED) or the caller went away."""
+    remaining = context.time_remaining()
+    expired = remaining is not None and remaining <= DEADLINE_SLACK_S
+    return grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
+
+
 def aborts_on_error(
     method: Callable[[Any, Request, grpc.aio.ServicerContext], Awaitable[Response]],
 ) -> Callable[[Any, Request, grpc.aio.ServicerContext], Awaitable[Response]]:
@@ -53,7 +65,7 @@ def tracked(
             try:
                 response = await method(self, request, track)
             except asyncio.CancelledError:
-                track.finish(grpc.StatusCode.CANCELLED)
+                track.finish(cancelled_code(context))
                 raise
             except Exception as exc:  # noqa: BLE001 - every failure must reach the caller as a status
                 code, message = status_for(exc)

@@ -65,8 +65,26 @@ class PythonSource(_Strict):
     kwargs: dict[str, Any] = Field(default_factory=dict)
 
 
+class PickleSource(_Strict):
+    format: Literal["pickle"]
+    path: Path
+    """A whole ``nn.Module`` written by ``torch.save(model)``. Unpickling runs whatever code the file names."""
+    trust_pickle: bool = False
+    """Must be ``true`` to load ``path``: say so only for a file you built or otherwise trust."""
+
+    @model_validator(mode="after")
+    def _trusted(self) -> PickleSource:
+        if not self.trust_pickle:
+            raise ValueError(
+                f"refusing to unpickle {self.path}: loading a pickled model runs code from the file. Set "
+                "trust_pickle: true on this source if you trust the file, or ship a state_dict "
+                "(format torchvision/python), TorchScript or torch.export file instead"
+            )
+        return self
+
+
 ModelSource = Annotated[
-    BuiltinSource | TorchvisionSource | TorchScriptSource | ExportSource | PythonSource,
+    BuiltinSource | TorchvisionSource | TorchScriptSource | ExportSource | PythonSource | PickleSource,
     Field(discriminator="format"),
 ]
 
@@ -96,12 +114,21 @@ class PreprocessingSettings(_Strict):
 
 class BatchingSettings(_Strict):
     max_batch_size: int = Field(32, ge=1, le=4096)
-    """Most rows run in one forward pass; a request with more rows is rejected."""
+    """Most rows run in one forward pass; a request with more rows is rejected. Default 32; 64 for a model
+    on ``cuda[:N]`` (see GPU_BATCHING_DEFAULTS)."""
     max_queue_delay_ms: float = Field(0.0, ge=0, le=1000)
     """How long a batch may wait for more requests. 0 = run at once when the model is idle; under load,
-    requests that arrive while a batch runs are gathered into the next one anyway."""
+    requests that arrive while a batch runs are gathered into the next one anyway. Default 0; 2 ms for a
+    model on ``cuda[:N]`` (see GPU_BATCHING_DEFAULTS)."""
     max_queue_size: int = Field(1024, ge=1)
     """Requests waiting for the model beyond this are refused with RESOURCE_EXHAUSTED."""
+
+
+GPU_BATCHING_DEFAULTS: dict[str, Any] = {"max_batch_size": 64, "max_queue_delay_ms": 2.0}
+"""``batching`` fields a model on ``cuda[:N]`` gets where its deploy config leaves them unset. A GPU's
+throughput keeps growing with the batch up to dozens of images (one forward pass of 64 costs far less
+than 64 of one), and waiting up to 2 ms lets batches fill under load; a lone client is never delayed
+(the batcher waits only when fewer rows are queued than the last batch ran)."""
 
 
 class ShadowSettings(_Strict):
@@ -158,10 +185,29 @@ class ModelSettings(_Strict):
     shadow: ShadowSettings = ShadowSettings()
     guardrail: GuardrailSettings = GuardrailSettings()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _gpu_batching(cls, data: Any) -> Any:
+        """On ``cuda[:N]``, the ``batching`` fields the config leaves unset take GPU_BATCHING_DEFAULTS."""
+        if not isinstance(data, dict) or not str(data.get("device", "cpu")).startswith("cuda"):
+            return data
+        batching = data.get("batching", {})
+        if isinstance(batching, BatchingSettings):
+            batching = batching.model_dump(include=batching.model_fields_set)
+        if not isinstance(batching, dict):
+            return data  # NOTE: field validation reports what is wrong with it
+        return {**data, "batching": {**GPU_BATCHING_DEFAULTS, **batching}}
+
     @model_validator(mode="after")
     def _check(self) -> ModelSettings:
         if self.labels is not None and self.labels_file is not None:
             raise ValueError("give either labels or labels_file, not both")
+        target = self.compression.target.device if self.compression is not None else self.device
+        if target.split(":")[0] != self.device.split(":")[0]:
+            raise ValueError(
+                f"compression.target.device is {target!r} but the model is served on {self.device!r}: the compressed "
+                f"variant is built and measured where it will run; set compression.target.device to {self.device!r}"
+            )
         return self
 
     @field_validator("device")
@@ -170,6 +216,47 @@ class ModelSettings(_Strict):
         if value != "cpu" and not (value == "cuda" or (value.startswith("cuda:") and value[5:].isdigit())):
             raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', not {value!r}")
         return value
+
+
+ImageFormat = Literal["JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF"]
+"""Formats ``server.allowed_image_formats`` may list (Pillow decoders)."""
+
+
+class TlsSettings(_Strict):
+    """TLS on the gRPC port; with ``client_ca_file`` also mutual TLS. PEM files; none set = plaintext."""
+
+    cert_file: Path | None = None
+    """The server's certificate chain."""
+    key_file: Path | None = None
+    """The private key of ``cert_file``."""
+    client_ca_file: Path | None = None
+    """CA certificates that sign client certificates: clients without such a certificate are refused."""
+
+    @property
+    def enabled(self) -> bool:
+        return self.cert_file is not None
+
+    @model_validator(mode="after")
+    def _check(self) -> TlsSettings:
+        if (self.cert_file is None) != (self.key_file is None):
+            given, missing = ("cert_file", "key_file") if self.key_file is None else ("key_file", "cert_file")
+            raise ValueError(f"{given} is set but {missing} is not: give both (PEM certificate and its key) or neither")
+        if self.client_ca_file is not None and self.cert_file is None:
+            raise ValueError("client_ca_file (mutual TLS) needs cert_file and key_file too")
+        return self
+
+
+class AuthSettings(_Strict):
+    """Bearer-token auth: every RPC but ``grpc.health.v1`` needs ``authorization: Bearer <token>``."""
+
+    tokens_file: Path | None = None
+    """A file with one accepted token per line (blank lines and ``#`` comments ignored)."""
+    tokens_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    """An environment variable holding accepted tokens, comma-separated."""
+
+    @property
+    def enabled(self) -> bool:
+        return self.tokens_file is not None or self.tokens_env is not None
 
 
 class ServerSettings(_Strict):
@@ -188,6 +275,11 @@ class ServerSettings(_Strict):
     so clients and load balancers hear it, rather than racing a closing connection."""
     max_image_pixels: int = Field(40_000_000, ge=1)
     """Decompression-bomb guard: images with more pixels are refused before decoding."""
+    allowed_image_formats: tuple[ImageFormat, ...] = Field(("JPEG", "PNG"), min_length=1)
+    """Encoded formats Classify decodes; others are refused with INVALID_ARGUMENT (fewer decoders, less attack
+    surface)."""
+    tls: TlsSettings = TlsSettings()
+    auth: AuthSettings = AuthSettings()
 
 
 class DeployConfig(_Strict):
@@ -245,14 +337,25 @@ def load_config(path: Path) -> DeployConfig:
         config = DeployConfig.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(format_validation_error(path, exc)) from exc
-    return _resolve_paths(config, path.parent.resolve())
+    config = _resolve_paths(config, path.parent.resolve())
+    _check_server_files(config)
+    return config
+
+
+_FIXES = {
+    "extra_forbidden": "unknown field: remove it or fix its spelling",
+    "missing": "required field is missing: add it",
+}
+"""Pydantic error types whose own message does not say what to change."""
 
 
 def format_validation_error(path: Path, exc: ValidationError) -> str:
+    """One line per problem: the field's dotted path, then what is wrong and what to change."""
     lines = [f"invalid deploy config {path}:"]
     for error in exc.errors():
         location = ".".join(str(part) for part in error["loc"]) or "(top level)"
-        lines.append(f"  {location}: {error['msg']}")
+        message = _FIXES.get(error["type"], error["msg"].removeprefix("Value error, "))
+        lines.append(f"  {location}: {message}")
     return "\n".join(lines)
 
 
@@ -265,7 +368,7 @@ def _resolve_paths(config: DeployConfig, base: Path) -> DeployConfig:
         source = model.source
         if isinstance(source, (TorchvisionSource, PythonSource)):
             source = source.model_copy(update={"weights": resolve(source.weights)})
-        elif isinstance(source, (TorchScriptSource, ExportSource)):
+        elif isinstance(source, (TorchScriptSource, ExportSource, PickleSource)):
             source = source.model_copy(update={"path": resolve(source.path)})
         compression = model.compression
         if compression is not None and compression.data.path is not None:
@@ -280,4 +383,26 @@ def _resolve_paths(config: DeployConfig, base: Path) -> DeployConfig:
                 }
             )
         )
-    return config.model_copy(update={"models": models, "cache_dir": resolve(config.cache_dir)})
+    tls, auth = config.server.tls, config.server.auth
+    server = config.server.model_copy(
+        update={
+            "tls": tls.model_copy(
+                update={name: resolve(getattr(tls, name)) for name in ("cert_file", "key_file", "client_ca_file")}
+            ),
+            "auth": auth.model_copy(update={"tokens_file": resolve(auth.tokens_file)}),
+        }
+    )
+    return config.model_copy(update={"server": server, "models": models, "cache_dir": resolve(config.cache_dir)})
+
+
+def _check_server_files(config: DeployConfig) -> None:
+    """The TLS and token files named in ``server`` must exist (after path resolution)."""
+    tls, auth = config.server.tls, config.server.auth
+    files = {f"server.tls.{name}": getattr(tls, name) for name in ("cert_file", "key_file", "client_ca_file")}
+    files["server.auth.tokens_file"] = auth.tokens_file
+    for field, path in files.items():
+        if path is not None and not path.is_file():
+            raise ConfigError(
+                f"{field}: file {path} does not exist; fix the path (relative paths are taken from the config "
+                "file's folder)"
+            )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import torch
 from torch import nn
 
@@ -36,3 +38,16 @@ def calibrated(model: nn.Module, images: torch.Tensor) -> nn.Module:
         for start in range(0, len(images), 64):
             model(images[start : start + 64])
     return model.eval()
+
+
+class SleepyNet(nn.Module):
+    """Takes ``delay_s`` per forward pass (sleeping, as a slow model would): queues and deadlines become visible."""
+
+    def __init__(self, delay_s: float = 0.3, in_features: int = 784, num_classes: int = 10) -> None:
+        super().__init__()
+        self.delay_s = delay_s
+        self.head = nn.Linear(in_features, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        time.sleep(self.delay_s)
+        return self.head(torch.flatten(x, 1))

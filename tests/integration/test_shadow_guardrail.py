@@ -18,6 +18,7 @@ import pytest
 import torch
 import tritonclient.grpc as triton
 
+from clients import cli
 from compression.runtime_eager import EagerPredictor
 from protos import admin_pb2, admin_pb2_grpc
 from server.digits.data import load_splits, normalize
@@ -89,7 +90,9 @@ def wait_for(condition: Callable[[], bool], timeout: float = 30) -> None:
 
 @pytest.fixture
 def copy_server() -> Iterator[ServerThread]:
-    config = shadowed_config(ShadowSettings(fraction=1.0), GuardrailSettings(min_samples=10, window=50))
+    config = shadowed_config(
+        ShadowSettings(fraction=1.0, max_compute_share=1.0), GuardrailSettings(min_samples=10, window=50)
+    )
     with running_server(config) as server:
         promote(server, "copy", digits_predictor())
         yield server
@@ -127,7 +130,9 @@ def test_samples_beyond_the_queue_are_dropped_and_counted_never_lost(
     digits_images: tuple[np.ndarray, np.ndarray],
 ) -> None:
     images, _ = digits_images
-    config = shadowed_config(ShadowSettings(fraction=1.0, max_pending=2, max_batch_size=1), GuardrailSettings())
+    config = shadowed_config(
+        ShadowSettings(fraction=1.0, max_pending=2, max_batch_size=1, max_compute_share=1.0), GuardrailSettings()
+    )
     with running_server(config) as server:
         promote(server, "copy", digits_predictor())
         client = triton.InferenceServerClient(server.address)
@@ -149,7 +154,7 @@ def test_guardrail_rolls_back_a_broken_variant_without_failing_requests(
 ) -> None:
     images, labels = digits_images
     guardrail = GuardrailSettings(min_agreement=0.9, window=40, min_samples=20)
-    with running_server(shadowed_config(ShadowSettings(fraction=1.0), guardrail)) as server:
+    with running_server(shadowed_config(ShadowSettings(fraction=1.0, max_compute_share=1.0), guardrail)) as server:
         promote(server, "scrambled", digits_predictor(scramble_classes))
         client = triton.InferenceServerClient(server.address)
         answers: list[tuple[str, int, int]] = []
@@ -200,3 +205,16 @@ def test_guardrail_rolls_back_a_broken_variant_without_failing_requests(
             with pytest.raises(grpc.RpcError) as error:
                 admin.GetVariant(admin_pb2.GetVariantRequest(model_name="nonesuch"))
             assert error.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_cli_shows_and_overrides_the_default_variant(copy_server: ServerThread, capsys: pytest.CaptureFixture) -> None:
+    address = ["--address", copy_server.address]
+    assert cli.main(["variant", *address]) == 0
+    assert "default variant copy (guardrail active)" in capsys.readouterr().out
+    assert cli.main(["variant", *address, "--set", "original", "--pin"]) == 0
+    assert "default variant original (pinned)" in capsys.readouterr().out
+    assert copy_server.server.registry.get("digits").default_variant == ORIGINAL
+    assert cli.main(["variant", *address, "--unpin"]) == 0
+    assert "default variant original (guardrail active)" in capsys.readouterr().out
+    assert cli.main(["variant", *address, "--set", "nonesuch"]) == 1
+    assert "error: NOT_FOUND: model 'digits' has no version 'nonesuch'" in capsys.readouterr().err

@@ -40,5 +40,7 @@ def test_pixel_limit_and_disallowed_format() -> None:
     preprocess = ImagePreprocessor(settings, max_pixels=100)
     with pytest.raises(InvalidArgument, match="more than the limit of 100"):
         preprocess(encode(np.zeros((20, 20), np.uint8), "PNG"), 3)
-    with pytest.raises(InvalidArgument, match="image 0 is not a JPEG or PNG"):
+    with pytest.raises(InvalidArgument, match="image 0 is a BMP image; this server accepts JPEG, PNG"):
         preprocess(encode(np.zeros((5, 5), np.uint8), "BMP"))
+    with pytest.raises(InvalidArgument, match="image 0 is not a JPEG or PNG image"):
+        preprocess(b"\x00\x01 not an image")
