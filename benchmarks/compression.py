@@ -2,6 +2,7 @@
 
     .venv/bin/python -m benchmarks.compression                      # resnet18, resnet50, mobilenet_v3_large
     .venv/bin/python -m benchmarks.compression --models resnet18 --iterations 30 --out build/benchmarks/compression
+    .venv/bin/python -m benchmarks.compression --device cuda        # the GPU variant: benchmarks/compression_gpu.py
 
 Part 2 (fidelity, run first): a torchvision resnet18 trained on the digits images (32x32, cached) goes
 through the real ``run_search`` (default CPU candidates, top-1 drop <= 1 point on "val", objective
@@ -29,7 +30,7 @@ import torch
 
 from benchmarks.common import table
 from benchmarks.compression_fidelity import FidelityResult, cached_fidelity, run_fidelity
-from benchmarks.compression_latency import MAX_BATCH, REFERENCE, Row, run_latency
+from benchmarks.compression_latency import MAX_BATCH, REFERENCE, Row, Variant, run_latency, variants
 from compression.selection import ORIGINAL, Measured, choose
 from compression.settings import BudgetSettings
 
@@ -45,8 +46,8 @@ def _progress(message: str) -> None:
     print(f"{time.strftime('%H:%M:%S')} {message}", file=sys.stderr, flush=True)
 
 
-def chosen_row(rows: list[Row], fid: FidelityResult | None) -> tuple[str | None, str]:
-    """The latency row ``choose`` would serve: part 2's val accuracies, this table's batch-1 p95."""
+def chosen_row(rows: list[Row], fid: FidelityResult | None, batch: int = 1) -> tuple[str | None, str]:
+    """The latency row ``choose`` would serve: part 2's val accuracies, this table's p95 at ``batch``."""
     if fid is None:
         return None, "no fidelity results (run without --skip-fidelity once)"
     accuracy = {v.name: v for v in [fid.report.original, *fid.report.candidates]}
@@ -54,14 +55,24 @@ def chosen_row(rows: list[Row], fid: FidelityResult | None) -> tuple[str | None,
     for row in rows:
         name = row.variant.candidate
         variant = accuracy.get(name or "")
-        if variant is None or variant.error or variant.agreement is None or row.error or 1 not in row.p95_ms:
+        if variant is None or variant.error or variant.agreement is None or row.error or batch not in row.p95_ms:
             continue
-        measured.append(Measured(name, row.p95_ms[1], variant.top1, variant.top1_drop, variant.agreement))
+        measured.append(Measured(name, row.p95_ms[batch], variant.top1, variant.top1_drop, variant.agreement))
         row_of[name] = row.variant.name
     if not any(m.name == ORIGINAL for m in measured):
         return None, "the reference failed"
     choice = choose(measured, BudgetSettings(**fid.report.budget))
     return row_of[choice.name], choice.reason
+
+
+def selected(rows: list[Variant], names: list[str] | None) -> list[Variant]:
+    """The reference and the rows named in ``names`` (every row when None); unknown names are an error."""
+    if names is None:
+        return rows
+    unknown = sorted(set(names) - {v.name for v in rows})
+    if unknown:
+        raise SystemExit(f"unknown variant(s) {', '.join(unknown)}; known: {', '.join(v.name for v in rows)}")
+    return [v for v in rows if v.name == REFERENCE or v.name in names]
 
 
 def _ms(value: float | None) -> str:
@@ -163,7 +174,7 @@ def fidelity_table(fid: FidelityResult) -> str:
         [
             "variant",
             "chain",
-            "b1 p50 ms",
+            f"b{report.batch_size} p50 ms",
             "speed-up",
             "val top-1 (drop pt)",
             "test top-1",
@@ -249,7 +260,14 @@ def machine_note() -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--models", nargs="+", default=list(MODELS), help="torchvision architectures")
+    parser.add_argument(
+        "--models",
+        nargs="*",
+        default=None,
+        help=f"torchvision architectures (default {' '.join(MODELS)}; on CUDA the GPU ones); none: fidelity only",
+    )
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda[:N] for the GPU benchmark (compression_gpu.py)")
+    parser.add_argument("--variants", nargs="+", help="time only these rows (the reference always runs)")
     parser.add_argument(
         "--skip-fidelity",
         action="store_true",
@@ -265,6 +283,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     cli_args = argv if argv is not None else sys.argv[1:]
+    if args.device != "cpu":
+        from benchmarks.compression_gpu import run_gpu
+
+        run_gpu(args, cli_args)
+        return
+    args.models = list(MODELS) if args.models is None else args.models
     if args.omp_passive and os.environ.get("OMP_WAIT_POLICY") != "PASSIVE":
         # NOTE: libgomp reads the policy when torch loads, so the process starts over with it set.
         # Measured on this 2-core box: with GOMP's default policy, one other busy process makes PyTorch's
@@ -287,7 +311,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     latency, chosen, reasons = {}, {}, {}
     for arch in args.models:
-        latency[arch] = run_latency(arch, args.out, iterations=args.iterations, progress=_progress)
+        latency[arch] = run_latency(
+            arch,
+            args.out,
+            iterations=args.iterations,
+            progress=_progress,
+            variant_list=selected(variants(), args.variants),
+        )
         chosen[arch], reasons[arch] = chosen_row(latency[arch], fid)
     command = " ".join([".venv/bin/python -m benchmarks.compression", *cli_args])
     load = f"1-minute load average {load_at_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end"
@@ -326,16 +356,23 @@ def main(argv: list[str] | None = None) -> None:
             fidelity_table(fid),
             "",
         ]
-    lines += [
-        "## Summary",
-        "",
-        summary(latency, chosen, fid),
-        "",
-        f"_Benchmark wall time {time.perf_counter() - started:.0f} s._",
-    ]
+    write_results(args.out, "compression", lines, summary(latency, chosen, fid), started, latency, chosen)
+
+
+def write_results(
+    out: Path,
+    stem: str,
+    lines: list[str],
+    verdict: str,
+    started: float,
+    latency: dict[str, list[Row]],
+    chosen: dict[str, str | None],
+) -> None:
+    """Print the report with its summary, write it to ``out/<stem>.md`` and the raw figures to ``<stem>.json``."""
+    lines = [*lines, "## Summary", "", verdict, "", f"_Benchmark wall time {time.perf_counter() - started:.0f} s._"]
     text = "\n".join(lines)
     print(text)
-    (args.out / "compression.md").write_text(text + "\n")
+    (out / f"{stem}.md").write_text(text + "\n")
     raw = {
         arch: [
             {
@@ -352,7 +389,7 @@ def main(argv: list[str] | None = None) -> None:
         ]
         for arch, rows in latency.items()
     }
-    (args.out / "compression.json").write_text(json.dumps({"latency": raw, "chosen": chosen}, indent=2))
+    (out / f"{stem}.json").write_text(json.dumps({"latency": raw, "chosen": chosen}, indent=2))
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ from server.digits.data import load_splits, normalize
 
 TRAINING_VERSION = 1
 MAX_BATCH = 8
+GPU_BATCH = 64
 CALIBRATION_IMAGES = 2000
 """First images of "train" given to the search as calibration (int8 ranges, KD recovery, students)."""
 RESULTS = "benchmark.json"
@@ -172,15 +173,38 @@ def _load_cached(folder: Path) -> FidelityResult | None:
         return None
 
 
-def cached_fidelity(out: Path, recipe: Recipe = Recipe()) -> FidelityResult | None:
-    return _load_cached(out / "fidelity" / f"search-{recipe.key()}")
+def _search_dir(out: Path, recipe: Recipe, device: str) -> Path:
+    suffix = "" if device == "cpu" else f"-{device.replace(':', '')}"
+    return out / "fidelity" / f"search-{recipe.key()}{suffix}"
+
+
+def search_settings(device: str) -> CompressionSettings:
+    """CPU: a 1-point top-1 budget at batch 1. GPU: also >= 99% agreement, at batch 64 (GPU serving batches)."""
+    if device == "cpu":
+        return CompressionSettings(
+            target=TargetSettings(device="cpu", batch_size=1),
+            budget=BudgetSettings(max_accuracy_drop=1.0, objective="fastest"),
+        )
+    return CompressionSettings(
+        target=TargetSettings(device=device, batch_size=GPU_BATCH),
+        budget=BudgetSettings(max_accuracy_drop=1.0, min_agreement=0.99, objective="fastest"),
+    )
+
+
+def cached_fidelity(out: Path, recipe: Recipe = Recipe(), device: str = "cpu") -> FidelityResult | None:
+    return _load_cached(_search_dir(out, recipe, device))
 
 
 def run_fidelity(
-    out: Path, *, progress: Callable[[str], None], fresh_search: bool = False, recipe: Recipe = Recipe()
+    out: Path,
+    *,
+    progress: Callable[[str], None],
+    fresh_search: bool = False,
+    recipe: Recipe = Recipe(),
+    device: str = "cpu",
 ) -> FidelityResult:
     folder = out / "fidelity"
-    search_dir = folder / f"search-{recipe.key()}"
+    search_dir = _search_dir(out, recipe, device)
     model, train_seconds = trained_model(folder, recipe, progress)
     if not fresh_search and train_seconds is None and (cached := _load_cached(search_dir)) is not None:
         progress(f"search results reused from {search_dir} (--fresh-search to redo)")
@@ -191,10 +215,7 @@ def run_fidelity(
     val_x, val_y = preprocess(splits["val"].images, size), splits["val"].labels.astype(np.int64)
     test_x, test_y = preprocess(splits["test"].images, size), splits["test"].labels.astype(np.int64)
     data = EvalData(calibration=train_x[:CALIBRATION_IMAGES], validation=val_x, validation_labels=val_y)
-    settings = CompressionSettings(
-        target=TargetSettings(device="cpu", batch_size=1),
-        budget=BudgetSettings(max_accuracy_drop=1.0, objective="fastest"),
-    )
+    settings = search_settings(device)
     shutil.rmtree(search_dir, ignore_errors=True)
     predictors: dict[str, Predictor] = {}
     with _captured_predictors(predictors):

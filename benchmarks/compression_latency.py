@@ -27,7 +27,7 @@ from compression.context import CompressionContext
 from compression.latency import measure_latency
 from compression.predictor import Predictor
 from compression.realization import RealizationConfig, build_predictor, load_predictor
-from compression.runtime_eager import EagerPredictor
+from compression.runtime_eager import reference_predictor
 from compression.search import training_threads
 from compression.techniques import apply, config_from_dict
 
@@ -50,7 +50,7 @@ class Variant:
     label: str
     steps: tuple[dict[str, Any], ...]
     realization: dict[str, Any] | None
-    """None: the in-memory original run by ``EagerPredictor`` (what the server serves uncompressed)."""
+    """None: the in-memory original as the server serves it uncompressed (``reference_predictor``)."""
     candidate: str | None = None
     """The default CPU candidate this row realizes (part 2 gives its accuracy), if any."""
 
@@ -80,6 +80,7 @@ def _label(steps: list[dict[str, Any]], realization: dict[str, Any]) -> str:
 
     names = [name(s) for s in steps]
     extra = " channels_last" if realization.get("channels_last") else ""
+    extra += " cuda-graphs" if realization.get("cuda_graphs") else ""
     return " + ".join([*names, f"{realization['runtime']} {realization['precision']}{extra}"])
 
 
@@ -92,8 +93,19 @@ def variants() -> list[Variant]:
         Variant("bnfold-eager-cl", "", (BN_FOLD,), eager_cl),
         Variant("pruned50-eager-cl", "", (_untrained(prune), BN_FOLD), eager_cl),
     ]
-    for c in default_candidates("cpu"):
-        rows.append(Variant(c.name, "", tuple(_untrained(s) for s in c.steps), c.realization, candidate=c.name))
+    return labelled(rows + candidate_variants("cpu"))
+
+
+def candidate_variants(device: str) -> list[Variant]:
+    """Every default candidate for ``device``, training steps off."""
+    return [
+        Variant(c.name, "", tuple(_untrained(s) for s in c.steps), c.realization, candidate=c.name)
+        for c in default_candidates(device)
+    ]
+
+
+def labelled(rows: list[Variant]) -> list[Variant]:
+    """``rows`` with a chain label made from the steps wherever none is given."""
     return [
         v
         if v.label
@@ -124,11 +136,9 @@ def random_model(arch: str, seed: int = 0) -> nn.Module:
     return model.eval()
 
 
-def _inputs(seed: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+def _inputs(rows: int = MAX_BATCH, seed: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
-    return torch.randn(MAX_BATCH, *IMAGE_SHAPE, generator=gen), torch.randn(
-        CALIBRATION_IMAGES, *IMAGE_SHAPE, generator=gen
-    )
+    return torch.randn(rows, *IMAGE_SHAPE, generator=gen), torch.randn(CALIBRATION_IMAGES, *IMAGE_SHAPE, generator=gen)
 
 
 class _Chains:
@@ -150,17 +160,21 @@ class _Chains:
 
 
 def _predictor(
-    variant: Variant, chains: _Chains, ctx: CompressionContext, folder: Path, inductor_cache: Path, row: Row
+    variant: Variant,
+    chains: _Chains,
+    ctx: CompressionContext,
+    folder: Path,
+    inductor_cache: Path,
+    row: Row,
+    max_batch: int = MAX_BATCH,
 ) -> Predictor:
     if variant.realization is None:
         model = chains(())
         row.params, row.macs = analysis.count_params(model), analysis.count_macs(model, ctx.example_inputs[:1])
-        return EagerPredictor(
-            model, precision="fp32", device=torch.device("cpu"), input_shape=IMAGE_SHAPE, max_batch_size=MAX_BATCH
-        )
+        return reference_predictor(model, ctx.device, IMAGE_SHAPE, max_batch)
     sidecar = folder / _SIDECAR
     try:
-        predictor = load_predictor(folder)
+        predictor = load_predictor(folder, ctx.device)
         info = json.loads(sidecar.read_text())
         row.params, row.macs = info.get("params"), info.get("macs")
         ctx.progress(f"{variant.name}: reusing {folder}")
@@ -175,7 +189,7 @@ def _predictor(
         RealizationConfig.from_dict(variant.realization),
         ctx,
         folder,
-        max_batch_size=MAX_BATCH,
+        max_batch_size=max_batch,
         cache_dir=inductor_cache,
     )
     row.build_seconds = round(time.perf_counter() - started, 1)
@@ -184,32 +198,43 @@ def _predictor(
     return predictor
 
 
-def run_latency(arch: str, out: Path, *, iterations: int, progress: Callable[[str], None]) -> list[Row]:
-    """Build (or reload) every variant of ``arch`` and time them all at batch 1 and batch 8."""
-    example, calibration = _inputs()
+def run_latency(
+    arch: str,
+    out: Path,
+    *,
+    iterations: int,
+    progress: Callable[[str], None],
+    device: str = "cpu",
+    batches: tuple[int, ...] = (1, MAX_BATCH),
+    variant_list: list[Variant] | None = None,
+) -> list[Row]:
+    """Build (or reload) every variant of ``arch`` for ``device`` and time them all at each of ``batches``."""
+    max_batch = max(batches)
+    example, calibration = _inputs(max_batch)
     model = random_model(arch)
     ctx = CompressionContext(
         calibration_inputs=calibration,
         example_inputs=example,
         teacher=model,
+        device=torch.device(device),
         progress=lambda m: progress(f"[{arch}] {m}"),
     )
     chains = _Chains(model, ctx)
     cache = out / "cache" / CACHE_VERSION
     rows, predictors = [], {}
-    for variant in variants():
+    for variant in variant_list or variants():
         row = Row(variant)
         rows.append(row)
         try:
             predictors[variant.name] = _predictor(
-                variant, chains, ctx, cache / arch / variant.name, cache / "inductor", row
+                variant, chains, ctx, cache / arch / variant.name, cache / "inductor", row, max_batch
             )
         except Exception as exc:  # noqa: BLE001 - a failing variant is a result, not a crash
             log.debug("%s %s failed", arch, variant.name, exc_info=True)
             row.error = f"{type(exc).__name__}: {exc}".replace("\n", " ")
             ctx.progress(f"{variant.name} FAILED: {row.error[:300]}")
     del chains  # NOTE: frees the transformed models; the predictors hold what they need
-    for batch in (1, MAX_BATCH):
+    for batch in batches:
         ctx.progress(f"timing {len(predictors)} variants at batch {batch}, {iterations} interleaved rounds")
         started = time.perf_counter()
         stats = measure_latency(

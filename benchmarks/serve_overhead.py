@@ -2,6 +2,8 @@
 
     .venv/bin/python -m benchmarks.serve_overhead                     # the bundled digits model
     .venv/bin/python -m benchmarks.serve_overhead --config deploy/examples/resnet18.yaml --model resnet18
+    .venv/bin/python -m benchmarks.serve_overhead --config deploy/examples/resnet50-gpu.yaml --model resnet50 \
+        --device cuda --concurrency 1 8 64                            # on a GPU (benchmarks/device_config.py)
 
 Prints (1) the in-process forward p50 at batch 1 vs the gRPC ModelInfer p50 at concurrency 1 and their
 difference (the serving overhead), and (2) gRPC throughput at each concurrency vs the best in-process
@@ -15,11 +17,13 @@ import argparse
 import asyncio
 from pathlib import Path
 
+import grpc
 import numpy as np
 import torch
 
 from benchmarks.common import slimserve_process, table, time_calls
-from clients.loadgen import infer_call, open_channel, run_load
+from benchmarks.device_config import config_on_device, device_name
+from clients.loadgen import Call, LoadResult, infer_call, run_levels
 from compression.pipeline import cached_entry
 from compression.predictor import Predictor
 from compression.realization import load_predictor
@@ -64,14 +68,11 @@ def in_process(
 
 async def grpc_load(
     address: str, model: str, version: str, shape: tuple[int, ...], concurrency: list[int], duration_s: float
-) -> dict[int, object]:
-    channel = open_channel(address)
-    call = infer_call(channel, model, INPUT_NAME, [1, *shape], version=version)
-    results = {}
-    for level in concurrency:
-        results[level] = await run_load(call, concurrency=level, duration_s=duration_s, warmup_s=2)
-    await channel.close()
-    return results
+) -> dict[int, LoadResult]:
+    def make_call(channel: grpc.aio.Channel) -> Call:
+        return infer_call(channel, model, INPUT_NAME, [1, *shape], version=version)
+
+    return await run_levels(address, make_call, concurrency, duration_s=duration_s, warmup_s=2)
 
 
 def main() -> None:
@@ -87,7 +88,9 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=10.0, help="seconds of load per concurrency")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--iterations", type=int, default=200, help="in-process timed forward passes")
+    parser.add_argument("--device", help="serve the model on this device instead (cuda, cuda:N): GPU batching defaults")
     args = parser.parse_args()
+    args.config = config_on_device(args.config, args.model, args.device)
 
     forward_p50, batched, shape = in_process(args.config, args.model, args.variant, args.iterations)
     best_size = max(batched, key=batched.get)
@@ -99,7 +102,7 @@ def main() -> None:
     c1 = results.get(1)
     print(
         f"\nmodel {args.model!r}, variant {args.variant!r}, input {[1, *shape]}, "
-        f"{torch.get_num_threads()} torch threads\n"
+        f"on {device_name(args.config, args.model)}, {torch.get_num_threads()} torch threads\n"
     )
     if c1 is not None:
         print(

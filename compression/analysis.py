@@ -8,6 +8,8 @@ import zlib
 import torch
 from torch import nn
 
+from compression.cuda_support import module_device
+
 # NOTE: zlib level 6 (its default) is the usual speed/ratio trade-off; level 9 gains ~1% on float
 # tensors at several times the cost. Zeros (sparsity) and repeated values (clustering) show at any level.
 _ZLIB_LEVEL = 6
@@ -58,7 +60,7 @@ def count_macs(model: nn.Module, example: torch.Tensor) -> int:
     was_training = model.training
     model.eval()
     try:
-        model(example[:1])
+        model(example[:1].to(module_device(model)))
     finally:
         model.train(was_training)
         for handle in handles:

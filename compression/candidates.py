@@ -3,6 +3,14 @@
 The defaults follow what was measured on each kind of device (README, *Compression*): on CPUs the
 runtime matters as much as the technique (ONNX Runtime and AOTInductor beat eager; int8 pays; fp16
 and bf16 do not), on GPUs half precision and compilation are the main levers.
+
+GPU defaults (not yet measured on a GPU: benchmarks/GPU-TODO.md): fp16 and bf16 with BN folded
+first, eager in NHWC (tensor cores' native layout), with and without CUDA graphs (launch overhead
+dominates small batches), and AOTInductor-compiled; structured pruning with channel counts kept at
+multiples of 8 (tensor-core tiles; fewer MACs is not always faster there, so its latency is measured
+like any other); a distilled student. No int8: without a TensorRT path int8 CNN kernels on GPUs are
+usually slower than fp16 (the inductor int8 quantizer is X86-only, ONNX Runtime's CUDA provider
+runs QDQ models through float kernels); add an int8 candidate explicitly to measure it anyway.
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ from compression.techniques import config_from_dict
 
 BN_FOLD: dict[str, Any] = {"technique": "bn_fold"}
 PRUNE_HALF: dict[str, Any] = {"technique": "channel_prune", "ratio": 0.5}
+PRUNE_HALF_GPU: dict[str, Any] = {**PRUNE_HALF, "round_to": 8}
 STUDENT: dict[str, Any] = {"technique": "student", "architecture": "depthwise_separable"}
 
 
@@ -32,9 +41,18 @@ def default_candidates(device: str) -> list[CandidateSettings]:
         return [
             _candidate("fp16", [BN_FOLD], "eager", "fp16", channels_last=True),
             _candidate("bf16", [BN_FOLD], "eager", "bf16", channels_last=True),
+            _candidate("fp16-cudagraphs", [BN_FOLD], "eager", "fp16", channels_last=True, cuda_graphs=True),
             _candidate("compiled-fp16", [BN_FOLD], "inductor", "fp16"),
             _candidate("compiled-bf16", [BN_FOLD], "inductor", "bf16"),
-            _candidate("pruned50-compiled-fp16", [PRUNE_HALF, BN_FOLD], "inductor", "fp16"),
+            _candidate("pruned50-compiled-fp16", [PRUNE_HALF_GPU, BN_FOLD], "inductor", "fp16"),
+            _candidate(
+                "pruned50-fp16-cudagraphs",
+                [PRUNE_HALF_GPU, BN_FOLD],
+                "eager",
+                "fp16",
+                channels_last=True,
+                cuda_graphs=True,
+            ),
             _candidate("student-compiled-fp16", [STUDENT, BN_FOLD], "inductor", "fp16"),
         ]
     return [

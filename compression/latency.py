@@ -54,13 +54,16 @@ def _timer(predictor: Predictor) -> Callable[[torch.Tensor], float]:
     if device.type == "cuda":
 
         def time_cuda(example: torch.Tensor) -> float:
-            torch.cuda.synchronize(device)
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            predictor(example)
-            end.record()
-            end.synchronize()
-            return float(start.elapsed_time(end))
+            # NOTE: events on the predictor's device and stream; the predictor returns CPU outputs (a
+            # synchronizing copy), so the span covers staging, the forward pass and the copy back.
+            with torch.cuda.device(device):
+                torch.cuda.synchronize(device)
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                predictor(example)
+                end.record()
+                end.synchronize()
+                return float(start.elapsed_time(end))
 
         return time_cuda
 

@@ -69,6 +69,10 @@ class RealizationConfig:
     """One of "fp32", "int8", "fp16", "bf16" (see SUPPORTED for what each runtime offers)."""
     channels_last: bool = False
     """eager only: weights and inputs in NHWC (inductor picks layouts itself when freezing)."""
+    cuda_graphs: bool = False
+    """eager on CUDA only: replay captured CUDA graphs per batch bucket (``compression/cuda_graphs.py``).
+    Not offered for inductor: AOTInductor's model container queries its own CUDA events on every run,
+    which stream capture forbids."""
     calibration_batches: int = 8
     """int8: calibrate on the first calibration_batches * calibration_batch_size calibration inputs."""
     calibration_batch_size: int = 32
@@ -87,6 +91,10 @@ class RealizationConfig:
             raise ValueError(f"channels_last must be a bool, got {self.channels_last!r}")
         if self.channels_last and self.runtime != "eager":
             raise ValueError(f"channels_last applies to the eager runtime only; {self.runtime} chooses its own layout")
+        if not isinstance(self.cuda_graphs, bool):
+            raise ValueError(f"cuda_graphs must be a bool, got {self.cuda_graphs!r}")
+        if self.cuda_graphs and self.runtime != "eager":
+            raise ValueError(f"cuda_graphs applies to the eager runtime only, not {self.runtime}")
         for field_name in ("calibration_batches", "calibration_batch_size"):
             value = getattr(self, field_name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -144,6 +152,8 @@ def build_predictor(
     device = ctx.device
     if config.precision == "int8" and config.runtime == "inductor" and device.type != "cpu":
         raise ValueError("inductor int8 uses the X86 (CPU) quantizer; on CUDA use fp16 or bf16")
+    if config.cuda_graphs and device.type != "cuda":
+        raise ValueError(f"cuda_graphs needs a CUDA target device, not {device}")
     artifact_dir.mkdir(parents=True, exist_ok=True)
     # NOTE: the manifest is written last, so a half-built directory never loads.
     (artifact_dir / MANIFEST_NAME).unlink(missing_ok=True)

@@ -7,11 +7,14 @@ class (a pruned model with changed shapes reloads as it was exported) and runs n
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from compression.cuda_graphs import GraphedForward
+from compression.cuda_support import prefers_channels_last
 from compression.predictor import InputStager, check_batch
 from compression.runtime_common import export_program, float_model
 from compression.runtime_manifest import Manifest, check_compatible
@@ -25,7 +28,8 @@ class EagerPredictor:
     """Runs a module eagerly; also wraps in-memory modules (the fp32 reference, PT2E int8 previews).
 
     ``module`` is used as it is: moved to ``device`` (and to channels_last) in place, like
-    ``nn.Module.to``; pass a copy if the caller still needs it where it was.
+    ``nn.Module.to``; pass a copy if the caller still needs it where it was. With ``cuda_graphs`` (CUDA
+    only) every batch bucket is captured now and replayed per call (``compression/cuda_graphs.py``).
     """
 
     def __init__(
@@ -38,6 +42,7 @@ class EagerPredictor:
         max_batch_size: int,
         channels_last: bool = False,
         runtime: str = "eager",
+        cuda_graphs: bool = False,
     ) -> None:
         self.runtime = runtime
         self.precision = precision
@@ -48,8 +53,10 @@ class EagerPredictor:
         module = module.to(device)
         if channels_last:
             module = module.to(memory_format=torch.channels_last)
-        self._module = module
+        self._module: Callable[[torch.Tensor], torch.Tensor] = module
         self._stager = InputStager(device, self.input_shape, max_batch_size, memory_format)
+        if cuda_graphs:
+            self._module = GraphedForward(module, device, self.input_shape, max_batch_size, memory_format)
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         check_batch(batch, self.input_shape, self.max_batch_size)
@@ -83,4 +90,22 @@ def load(artifact_dir: Path, manifest: Manifest, device: torch.device) -> EagerP
         input_shape=tuple(manifest.input_shape),
         max_batch_size=manifest.max_batch_size,
         channels_last=bool(manifest.config.get("channels_last", False)),
+        cuda_graphs=bool(manifest.config.get("cuda_graphs", False)),
+    )
+
+
+def reference_predictor(
+    module: nn.Module, device: torch.device, input_shape: tuple[int, ...], max_batch_size: int
+) -> EagerPredictor:
+    """The original model as served and as the search times it: fp32 eager, NHWC on tensor-core GPUs.
+
+    ``module`` is moved to ``device`` in place (see EagerPredictor).
+    """
+    return EagerPredictor(
+        module.eval(),
+        precision="fp32",
+        device=device,
+        input_shape=input_shape,
+        max_batch_size=max_batch_size,
+        channels_last=prefers_channels_last(module, device),
     )

@@ -7,6 +7,7 @@ a model is recorded with its reason and the search goes on.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import shutil
@@ -25,11 +26,12 @@ from compression import analysis
 from compression.accuracy import Fidelity, fidelity, predict_top1
 from compression.candidates import Candidate, default_candidates
 from compression.context import CompressionContext
+from compression.cuda_support import module_device, require_cuda
 from compression.data import EvalData
 from compression.latency import measure_latency
 from compression.predictor import Predictor
 from compression.realization import build_predictor
-from compression.runtime_eager import EagerPredictor
+from compression.runtime_eager import reference_predictor
 from compression.selection import ORIGINAL, Measured, choose, meets_accuracy, meets_latency
 from compression.settings import CompressionSettings
 from compression.techniques import apply, config_to_dict
@@ -128,11 +130,15 @@ def run_search(
     max_batch_size: int,
     progress: Callable[[str], None] = log.info,
 ) -> SearchReport:
-    """Build and measure every candidate into ``out_dir``; keep only the chosen artifact."""
+    """Build and measure every candidate into ``out_dir``; keep only the chosen artifact.
+
+    On a GPU target the search works on a copy of ``model`` moved there (the teacher of distillation
+    runs there too); the caller's model stays where it was.
+    """
     started = time.perf_counter()
-    device = torch.device(settings.target.device)
+    device = require_cuda(settings.target.device)
     batch = settings.target.batch_size
-    model = model.eval()
+    model = model.eval() if device.type == "cpu" else copy.deepcopy(model).eval().to(device)
     example = _example(data.calibration, batch)
     input_shape = tuple(example.shape[1:])
     serve_batch = max(max_batch_size, batch)
@@ -149,12 +155,7 @@ def run_search(
         size_bytes=analysis.state_dict_bytes(model),
         compressed_bytes=analysis.compressed_bytes(model),
     )
-    built = {
-        ORIGINAL: _Built(
-            original,
-            EagerPredictor(model, precision="fp32", device=device, input_shape=input_shape, max_batch_size=serve_batch),
-        )
-    }
+    built = {ORIGINAL: _Built(original, reference_predictor(model, device, input_shape, serve_batch))}
     score_fn, max_drop = _int8_scorer(model, data.calibration, settings, serve_batch)
     transformed: dict[str, nn.Module] = {}
     for index, candidate in enumerate(candidates, 1):
@@ -312,9 +313,10 @@ def _int8_scorer(
     would tune to the very images the final accuracy is reported on.
     """
     images = calibration[:SCORE_SAMPLES]
+    device = module_device(model)
     with torch.inference_mode():
         expected = np.concatenate(
-            [model(images[i : i + batch]).argmax(1).numpy() for i in range(0, len(images), batch)]
+            [model(images[i : i + batch].to(device)).argmax(1).cpu().numpy() for i in range(0, len(images), batch)]
         )
 
     def score(predictor: Predictor) -> float:

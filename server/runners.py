@@ -4,19 +4,18 @@ from __future__ import annotations
 
 import torch
 
+from compression.cuda_support import require_cuda
 from compression.predictor import Predictor
-from compression.runtime_eager import EagerPredictor
+from compression.runtime_eager import reference_predictor
 from server.loading import LoadedModel
 from server.settings import ModelSettings
 
 
 def original_predictor(loaded: LoadedModel, settings: ModelSettings) -> Predictor:
-    """Run the loaded module eagerly on the model's device; CPU float32 batches in, logits out."""
-    device = torch.device(settings.device)
-    return EagerPredictor(
-        loaded.module.eval().to(device),
-        precision="fp32",
-        device=device,
-        input_shape=loaded.input_shape,
-        max_batch_size=settings.batching.max_batch_size,
-    )
+    """Run the loaded module eagerly on the model's device; CPU float32 batches in, logits out.
+
+    On CUDA the module moves to the GPU (NHWC on tensor-core GPUs) and inputs are staged through pinned
+    memory (``compression.predictor.InputStager``); a missing GPU fails here, with the reason.
+    """
+    device = require_cuda(torch.device(settings.device))
+    return reference_predictor(loaded.module, device, loaded.input_shape, settings.batching.max_batch_size)

@@ -1,0 +1,53 @@
+"""``--device`` for the serving benchmarks: the same deploy config with one model moved to another device."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import yaml
+
+from compression.cuda_support import CudaUnavailable, require_cuda
+from server.settings import DeployConfig, ModelSettings, default_config, load_config
+
+CONFIG_DIR = Path("build/benchmarks/configs")
+
+
+def on_device(config: DeployConfig, model_name: str, device: str) -> DeployConfig:
+    """``config`` with ``model_name`` served (and compressed) on ``device``; validated again, so the GPU
+    batching defaults apply where the file leaves ``batching`` unset."""
+    if not any(m.name == model_name for m in config.models):
+        raise SystemExit(f"no model {model_name!r} in the deploy config")
+    models = []
+    for model in config.models:
+        if model.name == model_name:
+            exclude = set() if "batching" in model.model_fields_set else {"batching"}
+            data = {**model.model_dump(mode="json", exclude=exclude), "device": device}
+            if data.get("compression"):
+                data["compression"]["target"]["device"] = device
+            model = ModelSettings.model_validate(data)
+        models.append(model)
+    return config.model_copy(update={"models": models})
+
+
+def config_on_device(config_path: Path | None, model_name: str, device: str | None) -> Path | None:
+    """``config_path`` itself without ``device``; else a copy with ``model_name`` on ``device``, written under
+    build/ (paths in it absolute). Exits with the reason when ``device`` is a GPU torch cannot see."""
+    if device is None:
+        return config_path
+    try:
+        require_cuda(device)
+    except CudaUnavailable as exc:
+        raise SystemExit(f"--device {device}: {exc}") from None
+    config = on_device(load_config(config_path) if config_path else default_config(), model_name, device)
+    path = CONFIG_DIR / f"{model_name}-{device.replace(':', '')}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
+    return path.resolve()
+
+
+def device_name(config_path: Path | None, model_name: str) -> str:
+    """Where ``model_name`` runs, e.g. ``cuda (NVIDIA H100 80GB HBM3)`` or ``cpu``, for benchmark headers."""
+    config = load_config(config_path) if config_path else default_config()
+    device = next(m.device for m in config.models if m.name == model_name)
+    return f"{device} ({torch.cuda.get_device_name(torch.device(device))})" if device.startswith("cuda") else device
