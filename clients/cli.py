@@ -50,13 +50,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True)
 
-    sub = {"parents": [common], "formatter_class": argparse.ArgumentDefaultsHelpFormatter}
-    classify = commands.add_parser("classify", help="classify image files", **sub)
+    def add_command(name: str, help: str) -> argparse.ArgumentParser:
+        return commands.add_parser(
+            name, help=help, parents=[common], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+        )
+
+    classify = add_command("classify", help="classify image files")
     classify.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="JPEG or PNG files")
     classify.add_argument("--top-k", type=int, default=3, help="classes per image")
     classify.add_argument("--variant", default="", help='model variant, e.g. "original"; "" = the active one')
 
-    bench = commands.add_parser("bench", help="closed-loop load test", **sub)
+    bench = add_command("bench", help="closed-loop load test")
     bench.add_argument("--mode", choices=["infer", "classify"], default="infer", help="RPC to drive")
     bench.add_argument("--concurrency", type=_at_least(int, 1), default=4, help="requests in flight")
     bench.add_argument("--duration", type=_at_least(float, 0.001), default=10.0, help="seconds measured")
@@ -64,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--batch", type=_at_least(int, 1), default=1, help="images per request")
     bench.add_argument("--image", type=Path, help="image file sent in classify mode (required there)")
 
-    variant = commands.add_parser("variant", help="show or override which variant answers by default", **sub)
+    variant = add_command("variant", help="show or override which variant answers by default")
     change = variant.add_mutually_exclusive_group()
     change.add_argument("--set", dest="set_variant", metavar="VARIANT", help='e.g. "original" or "compressed"')
     change.add_argument("--unpin", action="store_true", help="hand the choice back to the guardrail")

@@ -45,10 +45,15 @@ def _foldable(first: nn.Module, bn: nn.Module) -> bool:
     return isinstance(first, nn.Linear) and isinstance(bn, nn.BatchNorm1d) and first.out_features == bn.num_features
 
 
-def _fuse(first: nn.Module, bn: nn.modules.batchnorm._BatchNorm) -> nn.Module:
+def _fuse(first: nn.Module, bn: nn.Module) -> nn.Module:
+    """The fused layer of a pair :func:`_foldable` accepted."""
+    if not isinstance(bn, nn.modules.batchnorm._BatchNorm):
+        raise TypeError(f"cannot fold {type(bn).__name__}: not a BatchNorm")
     if isinstance(first, nn.Linear):
         return fuse_linear_bn_eval(first, bn)
-    return fuse_conv_bn_eval(first, bn, transpose=bool(first.transposed))  # type: ignore[union-attr]
+    if isinstance(first, nn.modules.conv._ConvNd):
+        return fuse_conv_bn_eval(first, bn, transpose=bool(first.transposed))
+    raise TypeError(f"cannot fold BatchNorm into {type(first).__name__}")
 
 
 def _fold_sequentials(model: nn.Module) -> int:
@@ -59,7 +64,7 @@ def _fold_sequentials(model: nn.Module) -> int:
         for a, b in zip(keys, keys[1:]):
             first, bn = seq._modules[a], seq._modules[b]
             if first is not None and bn is not None and _foldable(first, bn):
-                seq._modules[a] = _fuse(first, bn)  # type: ignore[arg-type]
+                seq._modules[a] = _fuse(first, bn)
                 seq._modules[b] = nn.Identity()
                 folded += 1
     return folded

@@ -59,7 +59,8 @@ def exact_fp32() -> Iterator[None]:
     fp32_precision API only and restores the exact previous values, so legacy ``allow_tf32`` readers
     see a consistent state afterwards.
     """
-    conv, matmul = torch.backends.cudnn.conv, torch.backends.cuda.matmul
+    # NOTE: torch's stub of backends.cudnn omits ``conv``, which CudnnModule provides at runtime.
+    conv, matmul = torch.backends.cudnn.conv, torch.backends.cuda.matmul  # type: ignore[attr-defined]
     saved = conv.fp32_precision, matmul.fp32_precision
     conv.fp32_precision = matmul.fp32_precision = "ieee"
     try:

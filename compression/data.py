@@ -93,7 +93,8 @@ def _image_folder(root: Path, preprocess: ImagePreprocessor) -> tuple[torch.Tens
     classes = sorted(p for p in root.iterdir() if p.is_dir())
     if not classes:
         raise DataError(f"image folder {root} has no class sub-folders")
-    images, labels = [], []
+    images: list[np.ndarray] = []
+    labels: list[int] = []
     for index, folder in enumerate(classes):
         for path in sorted(folder.iterdir()):
             if path.suffix.lower() in IMAGE_SUFFIXES:

@@ -43,13 +43,22 @@ def check_kd_fields(
 
 
 class FinetuneFields(Protocol):
-    """The KD recovery fields that pruning configs share."""
+    """The KD recovery fields that pruning configs share (read-only, so frozen dataclasses match)."""
 
-    finetune_epochs: int
-    finetune_time_budget_s: float
-    temperature: float
-    alpha: float
-    lr: float
+    @property
+    def finetune_epochs(self) -> int: ...
+
+    @property
+    def finetune_time_budget_s(self) -> float: ...
+
+    @property
+    def temperature(self) -> float: ...
+
+    @property
+    def alpha(self) -> float: ...
+
+    @property
+    def lr(self) -> float: ...
 
 
 def check_finetune_fields(config: FinetuneFields) -> None:
@@ -228,11 +237,11 @@ def _train(
             for group in optimizer.param_groups:
                 group["lr"] = settings.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
             x = train_x[idx.to(train_x.device)]
-            if settings.augment:
+            if train_t is None:  # NOTE: None exactly when settings.augment: the targets change with each shift
                 x = _shift(x, settings.max_shift, gen)
                 t = logits_of(teacher, x, x.device)
             else:
-                t = train_t[idx.to(train_t.device)]  # type: ignore[index]
+                t = train_t[idx.to(train_t.device)]
             loss = kd_loss(student(x), t, settings.temperature, settings.alpha)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

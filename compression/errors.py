@@ -16,8 +16,8 @@ class TechniqueError(RuntimeError):
 
 def check_int(name: str, value: object, low: int, high: int | None = None) -> None:
     """Raise ValueError unless ``value`` is an int (not a bool) in ``[low, high]``."""
-    is_int = isinstance(value, int) and not isinstance(value, bool)
-    if not is_int or value < low or (high is not None and value > high):  # type: ignore[operator]
+    ok = isinstance(value, int) and not isinstance(value, bool) and value >= low and (high is None or value <= high)
+    if not ok:
         bound = f"[{low}, {high}]" if high is not None else f">= {low}"
         raise ValueError(f"{name} must be an integer in {bound}, got {value!r}")
 
@@ -26,8 +26,8 @@ def check_float(
     name: str, value: object, low: float, high: float = math.inf, *, low_open: bool = False, high_open: bool = False
 ) -> None:
     """Raise ValueError unless ``value`` is a finite number in the interval from ``low`` to ``high``."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if ok:
+    ok = False
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
         ok = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
     if not ok:
         bound = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"

@@ -118,12 +118,16 @@ class RealizationConfig:
 def _runtime_module(runtime: str) -> ModuleType:
     # NOTE: imported on demand; onnx/onnxruntime and torchao are slow to import and only one is used.
     if runtime == "eager":
-        from compression import runtime_eager as module
-    elif runtime == "inductor":
-        from compression import runtime_inductor as module
-    else:
-        from compression import runtime_onnx as module
-    return module
+        from compression import runtime_eager
+
+        return runtime_eager
+    if runtime == "inductor":
+        from compression import runtime_inductor
+
+        return runtime_inductor
+    from compression import runtime_onnx
+
+    return runtime_onnx
 
 
 def build_predictor(

@@ -99,20 +99,27 @@ def pareto_plot(report: SearchReport, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    variants = [v for v in [report.original, *report.candidates] if v.latency_p95_ms is not None]
     fidelity = lambda v: (v.top1 if v.top1 is not None else v.agreement) * 100  # noqa: E731
+    # NOTE: (latency, variant) pairs, so the plotted latencies are typed as present.
+    points = [(v.latency_p95_ms, v) for v in [report.original, *report.candidates] if v.latency_p95_ms is not None]
     fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
-    for v in variants:
+    for latency, v in points:
         colour = "tab:red" if v.name == report.chosen else ("tab:green" if v.meets_budget else "tab:gray")
-        ax.scatter(v.latency_p95_ms, fidelity(v), s=80 if v.name == report.chosen else 40, c=colour, zorder=3)
-        ax.annotate(v.name, (v.latency_p95_ms, fidelity(v)), fontsize=7, xytext=(4, 3), textcoords="offset points")
-    front, best = [], -1.0
-    for v in sorted(variants, key=lambda v: v.latency_p95_ms):  # type: ignore[arg-type, return-value]
+        ax.scatter(latency, fidelity(v), s=80 if v.name == report.chosen else 40, c=colour, zorder=3)
+        ax.annotate(v.name, (latency, fidelity(v)), fontsize=7, xytext=(4, 3), textcoords="offset points")
+    front: list[tuple[float, VariantReport]] = []
+    best = -1.0
+    for latency, v in sorted(points, key=lambda point: point[0]):
         if fidelity(v) > best:
-            front.append(v)
+            front.append((latency, v))
             best = fidelity(v)
     ax.plot(
-        [v.latency_p95_ms for v in front], [fidelity(v) for v in front], "--", c="tab:blue", lw=1, label="Pareto front"
+        [latency for latency, _ in front],
+        [fidelity(v) for _, v in front],
+        "--",
+        c="tab:blue",
+        lw=1,
+        label="Pareto front",
     )
     if report.budget.get("max_latency_ms"):
         ax.axvline(report.budget["max_latency_ms"], c="tab:orange", lw=1, label="latency budget")

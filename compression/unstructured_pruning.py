@@ -59,7 +59,7 @@ def apply_magnitude_prune(model: nn.Module, config: MagnitudePruneConfig, ctx: C
     if not weights:
         raise ValueError("magnitude_prune: the model has no conv/linear weights")
     threshold = global_threshold(weights, config.sparsity)
-    masks: dict[nn.Parameter, torch.Tensor] = {}
+    masks: dict[torch.Tensor, torch.Tensor] = {}
     with torch.no_grad():
         for w in weights:
             # NOTE: everything at or below the threshold goes, ties included: sparsity is at least the target.

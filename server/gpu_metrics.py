@@ -53,7 +53,8 @@ class TorchGpuInfo:
 
     def pci(self, index: int) -> tuple[int, int, int]:
         props = torch.cuda.get_device_properties(index)
-        return props.pci_domain_id, props.pci_bus_id, props.pci_device_id
+        # NOTE: torch's stub of _CudaDeviceProperties lacks the pci_* fields it has at runtime.
+        return props.pci_domain_id, props.pci_bus_id, props.pci_device_id  # type: ignore[attr-defined]
 
     def allocated(self, index: int) -> int:
         return torch.cuda.memory_allocated(index)
@@ -102,14 +103,14 @@ class GpuCollector(Collector):
                 self._warn_once("torch", f"cannot read torch's allocator on cuda:{index}: {exc}")
                 continue
             if self._nvml is not None:
-                self._add_nvml(index, labels, families)
+                self._add_nvml(self._nvml, index, labels, families)
         yield from families.values()
 
-    def _add_nvml(self, index: int, labels: list[str], families: dict[str, GaugeMetricFamily]) -> None:
+    def _add_nvml(self, nvml: Any, index: int, labels: list[str], families: dict[str, GaugeMetricFamily]) -> None:
         try:
-            handle = self._handle(index)
-            memory = self._nvml.nvmlDeviceGetMemoryInfo(handle)
-            utilization = self._nvml.nvmlDeviceGetUtilizationRates(handle)
+            handle = self._handle(nvml, index)
+            memory = nvml.nvmlDeviceGetMemoryInfo(handle)
+            utilization = nvml.nvmlDeviceGetUtilizationRates(handle)
         except Exception as exc:  # noqa: BLE001 - NVMLError and its many subclasses
             self._warn_once("nvml", f"cannot read NVML figures of cuda:{index}: {exc}")
             return
@@ -117,17 +118,17 @@ class GpuCollector(Collector):
         families["slimserve_gpu_memory_total_bytes"].add_metric(labels, memory.total)
         families["slimserve_gpu_utilization_ratio"].add_metric(labels, utilization.gpu / 100)
 
-    def _handle(self, index: int) -> Any:
-        """NVML's handle of torch's device ``index``, matched by PCI address.
+    def _handle(self, nvml: Any, index: int) -> Any:
+        """NVML's handle of torch's device ``index``, matched by PCI address (``nvml``: the started pynvml).
 
         NOTE: NVML numbers every GPU on the machine by PCI order; torch numbers the visible ones
         (CUDA_VISIBLE_DEVICES, CUDA_DEVICE_ORDER), so the two indices can differ.
         """
         if index not in self._handles:
             wanted = self._info.pci(index)
-            for nvml_index in range(self._nvml.nvmlDeviceGetCount()):
-                handle = self._nvml.nvmlDeviceGetHandleByIndex(nvml_index)
-                pci = self._nvml.nvmlDeviceGetPciInfo(handle)
+            for nvml_index in range(nvml.nvmlDeviceGetCount()):
+                handle = nvml.nvmlDeviceGetHandleByIndex(nvml_index)
+                pci = nvml.nvmlDeviceGetPciInfo(handle)
                 if (pci.domain, pci.bus, pci.device) == wanted:
                     self._handles[index] = handle
                     break
