@@ -16,9 +16,10 @@ $(INSTALLED): pyproject.toml
 serve: $(INSTALLED)
 	$(BIN)/slimserve serve $(ARGS)
 
-## Lint, then run the whole test suite.
+## Lint and type-check, then run the whole test suite.
 test: $(INSTALLED)
 	$(BIN)/ruff check .
+	$(BIN)/mypy server clients compression
 	$(BIN)/python -m pytest $(ARGS)
 
 ## The suite without the tests that train or compress models.
@@ -31,6 +32,7 @@ protos: $(INSTALLED)
 
 lint: $(INSTALLED)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check server compression clients tests benchmarks
+	$(BIN)/mypy server clients compression
 
 clean:
 	rm -rf $(VENV) .pytest_cache
