@@ -93,7 +93,7 @@ def main() -> None:
     args.config = config_on_device(args.config, args.model, args.device)
 
     forward_p50, batched, shape = in_process(args.config, args.model, args.variant, args.iterations)
-    best_size = max(batched, key=batched.get)
+    best_size = max(batched, key=batched.__getitem__)
     with slimserve_process(args.config) as server:
         results = asyncio.run(
             grpc_load(server.address, args.model, args.variant, shape, args.concurrency, args.duration)

@@ -2,9 +2,11 @@
 
 Policy: when the model is idle, whatever is queued runs at once (no added latency at low load);
 while a batch runs, new requests queue up and form the next batch, up to ``max_batch_size`` rows.
-``max_queue_delay_ms`` > 0 additionally waits that long for a fuller batch. The forward pass runs
-on an executor thread, never on the event loop. Requests whose callers went away (cancelled or past
-their deadline) are dropped before they reach the model.
+``max_queue_delay_ms`` > 0 additionally waits up to that long, when fewer rows are queued than the
+last batch ran, for that many: under steady concurrent load batches fill, while a lone client (last
+batch: its one request) is never delayed. The forward pass runs on an executor thread, never on the
+event loop. Requests whose callers went away (cancelled or past their deadline) are dropped before
+they reach the model.
 """
 
 from __future__ import annotations
@@ -81,6 +83,8 @@ class DynamicBatcher:
         self._on_batch = on_batch
         self._pending: deque[_Pending] = deque()
         self._queued_rows = 0
+        self._expected_rows = max_batch_size
+        """Rows worth waiting for: as many as the last batch ran (a full batch before the first)."""
         self._wakeup = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -143,10 +147,11 @@ class DynamicBatcher:
             await self._wakeup.wait()
             self._wakeup.clear()
             while self._pending:
-                if self._max_queue_delay_s > 0 and self._queued_rows < self._max_batch_size:
+                if self._max_queue_delay_s > 0 and self._queued_rows < self._expected_rows:
                     await self._wait_for_fuller_batch()
                 batch = self._take_batch()
                 if batch:
+                    self._expected_rows = sum(p.inputs.shape[0] for p in batch)
                     await self._execute(batch)
             self._idle.set()
             if self._closing and not self._pending:
@@ -154,7 +159,7 @@ class DynamicBatcher:
 
     async def _wait_for_fuller_batch(self) -> None:
         deadline = self._pending[0].enqueued_at + self._max_queue_delay_s
-        while self._queued_rows < self._max_batch_size and not self._closing:
+        while self._queued_rows < self._expected_rows and not self._closing:
             remaining = deadline - time.perf_counter()
             if remaining <= 0:
                 return

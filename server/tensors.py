@@ -6,6 +6,7 @@ Inputs arrive as ``raw_input_contents`` (little-endian, row-major); they are vie
 
 from __future__ import annotations
 
+import math
 import struct
 from collections.abc import Sequence
 
@@ -48,7 +49,8 @@ TYPED_CONTENTS_FIELD = {
 def array_from_raw(raw: bytes, datatype: str, shape: Sequence[int], what: str) -> np.ndarray:
     """View ``raw`` as an array of ``shape`` without copying; checks the byte length first."""
     dtype = _dtype(datatype, what)
-    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    # NOTE: math.prod, not np.prod: this runs per request, and numpy's reduction costs ~10 us here.
+    expected = math.prod(shape) * dtype.itemsize
     if len(raw) != expected:
         raise InvalidArgument(
             f"{what}: {len(raw)} bytes of raw contents, but shape {list(shape)} of {datatype} needs {expected}"
@@ -59,7 +61,7 @@ def array_from_raw(raw: bytes, datatype: str, shape: Sequence[int], what: str) -
 def array_from_typed(values: Sequence[object], datatype: str, shape: Sequence[int], what: str) -> np.ndarray:
     """Build an array from typed ``contents`` (a copy: these arrive as Python lists)."""
     dtype = _dtype(datatype, what)
-    count = int(np.prod(shape, dtype=np.int64))
+    count = math.prod(shape)
     if len(values) != count:
         raise InvalidArgument(f"{what}: {len(values)} values in contents, but shape {list(shape)} needs {count}")
     return np.asarray(values, dtype=dtype).reshape(shape)

@@ -148,3 +148,27 @@ def test_cancelled_requests_are_skipped_and_failures_reach_every_caller() -> Non
         await batcher.stop()
 
     run(failing())
+
+
+def test_queue_delay_waits_only_for_as_many_rows_as_the_last_batch_ran() -> None:
+    model = SlowDouble()
+
+    async def submit_spread(batcher: DynamicBatcher, rows: list[int]) -> list[float]:
+        tasks = []
+        for n in rows:
+            tasks.append(asyncio.ensure_future(batcher.submit(np.ones((n, 2), np.float32))))
+            await asyncio.sleep(0.02)
+        return [r.queue_seconds for r in await asyncio.gather(*tasks)]
+
+    async def scenario() -> list[float]:
+        batcher = make(model, max_queue_delay_s=0.5)
+        batcher.start()
+        await submit_spread(batcher, [1, 2])  # before any batch: waits for a full one, gets 3 rows
+        await submit_spread(batcher, [1, 2])  # 3 rows again: runs as soon as they are there
+        await submit_spread(batcher, [1])  # the group shrank: one wait, then batches of 1 ...
+        lone = await submit_spread(batcher, [1])  # ... run at once
+        await batcher.stop()
+        return lone
+
+    assert run(scenario())[0] < 0.25  # not delayed (a 0.5 s wait would show); slack for a busy machine
+    assert model.seen == [3, 3, 1, 1]

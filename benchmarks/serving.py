@@ -1,0 +1,269 @@
+"""slimserve vs its in-process forward and vs Seldon MLServer and TorchServe, on resnet18, in one run.
+
+    benchmarks/peers/setup_mlserver.sh && benchmarks/peers/setup_torchserve.sh   # once; optional
+    .venv/bin/python -m benchmarks.serving                          # slimserve's original fp32 variant + peers
+    .venv/bin/python -m benchmarks.serving --compressed --duration 30   # also the compressed variant
+
+Every server serves the same seed-fixed resnet18 weights (``benchmarks/peers/weights.py``) on loopback
+with the same batching limits, one server at a time, and the same closed-loop load generator drives
+each (``clients/loadgen.py``: one grpc.aio channel in this process, batch-1 FP32 3x224x224 requests,
+concurrency 1, 8 and 32, a warm-up excluded from each level): KServe v2 ``ModelInfer`` for slimserve
+and MLServer, TorchServe's gRPC ``Predictions``. Before the load, each server's logits for a fixed input
+are checked against the model run in this process. In-process figures (the limit) are the same
+variant's forward in this process: batch-1 p50, and the best throughput over batch sizes up to the max.
+Peers that are not set up are skipped with a message. Batching defaults to the example config's max
+batch (16) and a 2 ms max delay for every server (not the example's 0: MLServer's adaptive batching
+is off at 0; slimserve waits only when the last batch had more rows than are queued).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import math
+import subprocess
+import sys
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+
+from benchmarks.common import table
+from benchmarks.peers.check import verify
+from benchmarks.peers.servers import (
+    BUILD_DIR,
+    INPUT_SHAPE,
+    MODEL,
+    PEERS,
+    WEIGHTS,
+    Batching,
+    Server,
+    Slimserve,
+    slimserve,
+)
+from benchmarks.peers.weights import write_weights
+from benchmarks.serve_overhead import in_process
+from clients.loadgen import LoadResult, random_input, run_levels
+from compression.candidates import BN_FOLD
+from server.registry import COMPRESSED_ALIAS, ORIGINAL
+
+LOGS = BUILD_DIR / "logs"
+CALIBRATION = BUILD_DIR / "calibration.pt"
+OURS = "slimserve"
+
+
+@dataclass(frozen=True)
+class InProcess:
+    """The same variant's forward in this process: the limit a server can approach."""
+
+    p50_ms: float
+    """Batch-1 forward p50."""
+    best_batch: int
+    best_throughput: float
+    """Images/s at the best batch size."""
+
+
+@dataclass(frozen=True)
+class Measured:
+    """One server's results at each concurrency level."""
+
+    name: str
+    variant: str
+    results: dict[int, LoadResult]
+    outside_forward_ms: dict[int, float]
+    """slimserve only: per level, the mean time a request spent in the server outside its batch's compute
+    (parsing, queueing, answering; from ModelStatistics)."""
+
+    @property
+    def ours(self) -> bool:
+        return self.name == OURS
+
+
+def compression_block() -> dict[str, object]:
+    """A small search for the compressed variant, on random images (agreement with the original)."""
+    if not CALIBRATION.exists():
+        generator = torch.Generator().manual_seed(0)
+        torch.save({"images": torch.randn(192, *INPUT_SHAPE, generator=generator)}, CALIBRATION)
+    return {
+        "target": {"device": "cpu", "batch_size": 1},
+        "budget": {"max_accuracy_drop": None, "min_agreement": 0.9, "on_unmet": "best_accuracy"},
+        "data": {"source": "tensor_file", "path": str(CALIBRATION), "calibration_size": 128, "validation_size": 64},
+        "candidates": [
+            {"name": "onnxruntime-fp32", "steps": [BN_FOLD], "realization": {"runtime": "onnxruntime"}},
+            {"name": "int8-onnxruntime", "realization": {"runtime": "onnxruntime", "precision": "int8"}},
+        ],
+    }
+
+
+def our_server(variant: str) -> Slimserve:
+    return slimserve(variant, compression_block() if variant == COMPRESSED_ALIAS else None)
+
+
+def compressed_available(batching: Batching) -> bool:
+    """Run (or reuse from the cache) the compression search; whether it chose a compressed variant."""
+    config = our_server(COMPRESSED_ALIAS).config(batching)
+    print(f"compressing (cached after the first run): slimserve compress --config {config}", file=sys.stderr)
+    done = subprocess.run([sys.executable, "-m", "server.cli", "compress", "--config", str(config)], check=False)
+    return done.returncode == 0
+
+
+def measure_in_process(variant: str, batching: Batching, iterations: int) -> InProcess:
+    try:
+        p50_ms, throughput, _ = in_process(our_server(variant).config(batching), MODEL, variant, iterations)
+    except SystemExit as exc:  # serve_overhead's "nothing in the cache"
+        raise RuntimeError(str(exc)) from None
+    best = max(throughput, key=throughput.__getitem__)
+    return InProcess(p50_ms, best, throughput[best])
+
+
+def load(server: Server, batching: Batching, levels: list[int], duration_s: float, warmup_s: float) -> Measured:
+    """Start ``server``, check its logits, drive it at each concurrency level, stop it."""
+    array = random_input((1, *INPUT_SHAPE))
+    with server.serve(batching, LOGS / f"{server.name.split()[0]}-{server.variant}.log") as address:
+        # a compressed variant answers with its own logits, close to but not those of the original
+        if server.variant == ORIGINAL and not verify(server, address, array):
+            raise SystemExit(f"{server.name} answers with wrong logits: not benchmarking it")
+        call = partial(server.call, array=array)
+        results, outside = {}, {}
+        for level in levels:
+            before = server.in_server_seconds(address) if isinstance(server, Slimserve) else None
+            run = run_levels(address, call, [level], duration_s=duration_s, warmup_s=warmup_s)
+            results[level] = asyncio.run(run)[level]
+            if before is not None:
+                outside[level] = _outside_forward_ms(before, server.in_server_seconds(address))  # type: ignore[attr-defined]
+    return Measured(server.name.split()[0], server.variant, results, outside)
+
+
+def _outside_forward_ms(before: tuple[int, float, float], after: tuple[int, float, float]) -> float:
+    """Mean ms a request spent in the server outside its batch's compute, between two statistics snapshots."""
+    count = after[0] - before[0]
+    return 1e3 * ((after[1] - before[1]) - (after[2] - before[2])) / count if count else math.nan
+
+
+def report(runs: list[Measured], limits: dict[str, InProcess]) -> str:
+    """One row per server and concurrency; peers also as slimserve (original) ÷ peer."""
+    ours = next((r for r in runs if r.ours and r.variant == ORIGINAL), None)
+    headers = ["server", "conc.", "req/s", "p50 ms", "p90 ms", "p99 ms", "errors", "req/s ÷ in-process best",
+               "p50 − in-process p50 ms", "slimserve ÷ it, req/s", "slimserve ÷ it, p99"]  # fmt: skip
+    rows = []
+    for run in runs:
+        limit = limits[run.variant]
+        for level, result in run.results.items():
+            mine = ours.results.get(level) if ours is not None and not run.ours else None
+            rows.append(
+                [
+                    f"{run.name} ({run.variant})" if run.ours else run.name,
+                    str(level),
+                    f"{result.throughput:.1f}",
+                    f"{result.p50_ms:.2f}",
+                    f"{result.p90_ms:.2f}",
+                    f"{result.p99_ms:.2f}",
+                    str(result.error_count),
+                    f"{result.throughput / limit.best_throughput:.2f}",
+                    f"{result.p50_ms - limit.p50_ms:+.2f}",
+                    _ratio(mine.throughput, result.throughput, "x") if mine else "",
+                    _ratio(mine.p99_ms, result.p99_ms) if mine else "",
+                ]
+            )
+    return table(headers, rows)
+
+
+def acceptance(runs: list[Measured], limits: dict[str, InProcess]) -> list[str]:
+    """The issue's targets, each PASS or MISS with its figure."""
+    lines = []
+    for run in (r for r in runs if r.ours):
+        limit, name = limits[run.variant], f"{run.name} ({run.variant})"
+        if (c1 := run.results.get(1)) is not None:
+            overhead = c1.p50_ms - limit.p50_ms
+            inside = run.outside_forward_ms.get(1, math.nan)
+            lines.append(
+                f"{_verdict(overhead <= 1.0)} {name}: p50 at c1 − in-process p50 = {overhead:.2f} ms (<= 1.0); "
+                f"of a request's time in the server, {inside:.2f} ms is outside its batch's compute"
+            )
+        if (c32 := run.results.get(32)) is not None:
+            share = c32.throughput / limit.best_throughput
+            lines.append(f"{_verdict(share >= 0.9)} {name}: c32 req/s = {share:.2f} of in-process best (>= 0.90)")
+    ours = next((r for r in runs if r.ours and r.variant == ORIGINAL), None)
+    peers = [r for r in runs if not r.ours]
+    return lines + (versus_peers(ours, peers) if ours is not None else [])
+
+
+def versus_peers(ours: Measured, peers: list[Measured]) -> list[str]:
+    """slimserve's original variant against each peer: throughput at c32, p99 at every level."""
+    lines = []
+    for peer in peers:
+        if 32 in peer.results and 32 in ours.results:
+            mine, theirs = ours.results[32].throughput, peer.results[32].throughput
+            ratio = _ratio(mine, theirs, "x")
+            lines.append(f"{_verdict(mine >= 2 * theirs)} vs {peer.name}: c32 req/s {ratio} (>= 2x)")
+        for level in sorted(set(peer.results) & set(ours.results)):
+            mine, theirs = ours.results[level].p99_ms, peer.results[level].p99_ms
+            # NOTE: a peer that finished no request in the window has a NaN p99: slimserve's is lower.
+            ok = mine < theirs or (math.isnan(theirs) and not math.isnan(mine))
+            lines.append(f"{_verdict(ok)} vs {peer.name}: p99 at c{level} {mine:.1f} vs {theirs:.1f} ms")
+    return lines
+
+
+def _ratio(ours: float, theirs: float, unit: str = "") -> str:
+    """``ours / theirs``, or why there is none (a peer that finished no request in the window)."""
+    return f"{ours / theirs:.2f}{unit}" if theirs > 0 else "none finished"
+
+
+def _verdict(ok: bool) -> str:
+    return "PASS" if ok else "MISS"
+
+
+def choose_servers(names: list[str], variants: list[str]) -> list[Server]:
+    servers: list[Server] = [our_server(v) for v in variants] if OURS in names else []
+    for name in (n for n in names if n in PEERS):
+        peer = PEERS[name]()
+        if (why := peer.missing()) is not None:
+            print(f"skipping {name}: {why}", file=sys.stderr)
+        else:
+            servers.append(peer)
+    return servers
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--servers", nargs="+", default=[OURS, *PEERS], choices=[OURS, *PEERS])
+    parser.add_argument("--compressed", action="store_true", help="also slimserve's compressed variant (searched once)")
+    parser.add_argument("--duration", type=float, default=20.0, help="measured seconds per concurrency level")
+    parser.add_argument("--warmup", type=float, default=3.0, help="unmeasured seconds before each level")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--max-batch", type=int, default=16, help="every server's max batch size")
+    parser.add_argument("--max-delay-ms", type=float, default=2.0, help="every server's max batching delay")
+    parser.add_argument("--iterations", type=int, default=100, help="in-process timed batch-1 forward passes")
+    args = parser.parse_args()
+    batching = Batching(args.max_batch, args.max_delay_ms)
+    write_weights(WEIGHTS)
+
+    variants = [ORIGINAL]
+    if args.compressed and compressed_available(batching):
+        variants.append(COMPRESSED_ALIAS)
+    elif args.compressed:
+        print("skipping slimserve's compressed variant: the search failed or chose none", file=sys.stderr)
+    limits = {v: measure_in_process(v, batching, args.iterations) for v in variants}
+    runs = []
+    for server in choose_servers(args.servers, variants):
+        print(f"measuring {server.name} ...", file=sys.stderr)
+        runs.append(load(server, batching, args.concurrency, args.duration, args.warmup))
+
+    print(
+        f"\nresnet18, batch-1 FP32 3x224x224 requests, {args.duration:g} s per level after {args.warmup:g} s "
+        f"warm-up; every server: max batch {batching.max_batch_size}, max delay {batching.max_delay_ms:g} ms; "
+        f"{torch.get_num_threads()} torch threads\n"
+    )
+    rows = [[v, f"{x.p50_ms:.2f}", str(x.best_batch), f"{x.best_throughput:.1f}"] for v, x in limits.items()]
+    print(table(["in process", "batch-1 p50 ms", "best batch", "best img/s"], rows))
+    print()
+    print(report(runs, limits))
+    print()
+    print("\n".join(acceptance(runs, limits)))
+    errors = {f"{r.name} c{level}": res.errors for r in runs for level, res in r.results.items() if res.errors}
+    if errors:
+        print(f"\nfailed requests: {errors}")
+
+
+if __name__ == "__main__":
+    main()
