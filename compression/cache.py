@@ -27,6 +27,8 @@ from compression.runtime_manifest import current_cpu_isa
 
 REPORT_NAME = "report.json"
 KEY_LENGTH = 16
+PUBLISHED_MODE = 0o755
+"""Published entries: readable by every user sharing the store, writable only by their builder."""
 _VERSIONED = ("torch", "torchvision", "torchao", "torch-pruning", "onnxruntime", "onnx", "slimserve")
 
 
@@ -117,6 +119,9 @@ class ArtifactCache:
         try:
             yield staging
             _fsync_tree(staging)
+            # NOTE: mkdtemp makes the folder private (0700); published, it must be readable by replicas
+            # that share the store under another user.
+            staging.chmod(PUBLISHED_MODE)
             if entry.exists():  # an unreadable or stale entry being replaced
                 shutil.rmtree(entry)
             os.replace(staging, entry)
