@@ -2,7 +2,8 @@
 
 For container runtimes without native gRPC probes (Docker's HEALTHCHECK); Kubernetes uses its own
 ``grpc`` probes. It reads only the port (and host) from the deploy config, with plain YAML, so a probe
-every few seconds does not import torch.
+every few seconds does not import torch. It speaks plaintext: with ``server.tls`` on, give the container a
+TCP check instead (or an exec of ``grpc_health_probe -tls``), as for Kubernetes' built-in probes.
 """
 
 from __future__ import annotations
