@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -74,3 +75,19 @@ def scrape(server: ServerThread) -> dict[str, list]:
 def sample_value(samples: list, name: str, **labels: str) -> float:
     """Sum of the samples called ``name`` whose labels include ``labels``."""
     return sum(s.value for s in samples if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+
+
+def eventually(
+    condition: Callable[[], bool], timeout: float = 30, *, retry_on: tuple[type[Exception], ...] = ()
+) -> None:
+    """Poll ``condition`` until it holds (failing the test after ``timeout`` seconds); exceptions of the
+    ``retry_on`` types count as "not yet" (a server still starting)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if condition():
+                return
+        except retry_on:
+            pass
+        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {condition}"
+        time.sleep(0.05)

@@ -11,7 +11,7 @@ import json
 import re
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import ModuleType
@@ -26,13 +26,15 @@ from benchmarks.common import free_port
 from server.digits.data import load_splits, normalize
 from server.settings import ShadowSettings
 from tests.compressed_digits import CHOSEN, digits_config, seed_trained_digits
-from tests.serving import ServerThread, running_server
+from tests.serving import ServerThread, eventually, running_server
 
 pytestmark = pytest.mark.slow
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 PROMETHEUS_DIR = DEPLOY / "prometheus"
 LOAD_SECONDS = 12
+RETRY = (OSError, KeyError, IndexError, RuntimeError)
+"""Prometheus still starting, or no target or sample yet."""
 METRIC_NAME = re.compile(r"\b(?:model_variant:|model:)?slimserve_[a-z0-9_:]+")
 
 
@@ -101,23 +103,11 @@ def prometheus(
     )
     client = render_snapshot.Prometheus(f"http://127.0.0.1:{port}")
     try:
-        eventually(lambda: client.get("/api/v1/targets")["activeTargets"][0]["health"] == "up", 30)
+        eventually(lambda: client.get("/api/v1/targets")["activeTargets"][0]["health"] == "up", 30, retry_on=RETRY)
         yield client
     finally:
         process.terminate()
         process.wait(timeout=30)
-
-
-def eventually(condition: Callable[[], bool], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if condition():
-                return
-        except (OSError, KeyError, IndexError, RuntimeError):
-            pass
-        assert time.monotonic() < deadline, "timed out waiting for Prometheus"
-        time.sleep(0.5)
 
 
 def drive_load(server: ServerThread, seconds: float) -> int:
@@ -149,7 +139,7 @@ def drive_load(server: ServerThread, seconds: float) -> int:
 def loaded(compressed_server: ServerThread, prometheus: Any) -> Any:
     """Prometheus after scraping the server under load long enough for every rate and rule."""
     assert drive_load(compressed_server, LOAD_SECONDS) > 100
-    eventually(lambda: bool(prometheus.instant("model:slimserve_shadow_agreement:ratio_rate5m")), 30)
+    eventually(lambda: bool(prometheus.instant("model:slimserve_shadow_agreement:ratio_rate5m")), 30, retry_on=RETRY)
     return prometheus
 
 

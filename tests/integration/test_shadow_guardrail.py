@@ -26,7 +26,7 @@ from server.digits.model import load_trained
 from server.registry import ORIGINAL
 from server.settings import DeployConfig, GuardrailSettings, ShadowSettings
 from tests.conftest import digits_without_compression
-from tests.serving import ServerThread, running_server, sample_value, scrape
+from tests.serving import ServerThread, eventually, running_server, sample_value, scrape
 
 IMAGES = 64
 
@@ -81,13 +81,6 @@ def compared(server: ServerThread) -> tuple[float, float]:
     return sample_value(samples, name, result="agree"), sample_value(samples, name, result="disagree")
 
 
-def wait_for(condition: Callable[[], bool], timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
-
-
 @pytest.fixture
 def copy_server() -> Iterator[ServerThread]:
     config = shadowed_config(
@@ -107,7 +100,7 @@ def test_every_sampled_request_is_compared_and_agrees(
     assert {version for version, _ in answers} == {"copy"}
     assert np.mean([digit == label for (_, digit), label in zip(answers, labels)]) > 0.9
 
-    wait_for(lambda: sum(compared(copy_server)) == IMAGES)
+    eventually(lambda: sum(compared(copy_server)) == IMAGES)
     agree, disagree = compared(copy_server)
     assert (agree, disagree) == (IMAGES, 0)
     metrics = scrape(copy_server)
@@ -145,7 +138,7 @@ def test_samples_beyond_the_queue_are_dropped_and_counted_never_lost(
             dropped = scrape(server)["slimserve_shadow_dropped"]
             return sum(compared(server)) + sample_value(dropped, "slimserve_shadow_dropped_total", reason="busy")
 
-        wait_for(lambda: accounted() == requests)
+        eventually(lambda: accounted() == requests)
         assert compared(server)[1] == 0
 
 
@@ -193,7 +186,7 @@ def test_guardrail_rolls_back_a_broken_variant_without_failing_requests(
             assert {version for version, _ in pinned} == {"scrambled"}
             state = admin.SetVariant(admin_pb2.SetVariantRequest(model_name="digits", variant="", pin=False))
             assert (state.default_variant, state.pinned, state.rollbacks) == ("scrambled", False, 1)
-            wait_for(lambda: admin.GetVariant(admin_pb2.GetVariantRequest(model_name="digits")).window_samples > 0)
+            eventually(lambda: admin.GetVariant(admin_pb2.GetVariantRequest(model_name="digits")).window_samples > 0)
             for i in range(3 * guardrail.window):  # unpinned, it is rolled back again
                 if infer_one(client, images[i % IMAGES])[0] == ORIGINAL:
                     break
