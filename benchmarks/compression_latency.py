@@ -240,7 +240,8 @@ def run_latency(
         stats = measure_latency(
             predictors, example[:batch].contiguous(), warmup=3 if batch > 1 else 5, iterations=iterations
         )
-        ctx.progress(f"timed batch {batch} in {time.perf_counter() - started:.0f} s")
+        p50s = ", ".join(f"{name} {result.p50_ms:.2f}" for name, result in stats.items())
+        ctx.progress(f"timed batch {batch} in {time.perf_counter() - started:.0f} s; p50 ms: {p50s}")
         for row in rows:
             if row.variant.name in stats:
                 row.p50_ms[batch] = stats[row.variant.name].p50_ms

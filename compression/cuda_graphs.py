@@ -63,6 +63,10 @@ class GraphedForward:
         if device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA device, not {device}")
         self.buckets = batch_buckets(max_batch_size)
+        # NOTE: the graphs read the module's parameters at the addresses they had at capture; holding
+        # the module keeps them alive (a caller that drops its own reference would free them, and the
+        # replays would read freed memory: NaN or an illegal-address fault, seen on an H100).
+        self._forward = forward
         self._lock = threading.Lock()
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._outputs: dict[int, torch.Tensor] = {}
@@ -95,7 +99,7 @@ class GraphedForward:
         for bucket in self.buckets:
             self._graphs[bucket].replay()
             agreement = sqnr_db(expected[bucket], self._outputs[bucket].float().cpu())
-            if agreement < MIN_REPLAY_SQNR_DB:
+            if not agreement >= MIN_REPLAY_SQNR_DB:  # NOTE: also catches NaN
                 raise RuntimeError(
                     f"CUDA graph replay at batch {bucket} differs from the uncaptured forward pass "
                     f"(SQNR {agreement:.1f} dB < {MIN_REPLAY_SQNR_DB:.0f}); the model is not capture-safe"

@@ -39,7 +39,8 @@ def inductor_cache_dir(directory: Path | None) -> Iterator[None]:
     from torch._inductor.runtime.cache_dir_utils import temporary_cache_dir
 
     directory.mkdir(parents=True, exist_ok=True)
-    with temporary_cache_dir(str(directory)):
+    # NOTE: absolute, because the AOTInductor CUDA wrapper's g++ call does not run in this directory.
+    with temporary_cache_dir(str(directory.resolve())):
         yield
 
 

@@ -91,5 +91,5 @@ def test_gpu_metrics_are_exported(client: triton.InferenceServerClient, gpu_serv
     utilization = sample_value(families["slimserve_gpu_utilization_ratio"], "slimserve_gpu_utilization_ratio", **device)
     assert 0 < used <= total
     assert 0.0 <= utilization <= 1.0
-    info = families["slimserve_variant"]
+    info = families["slimserve_variant_info"]
     assert any(s.labels.get("device") == "cuda" and s.labels.get("model") == MODEL for s in info)

@@ -359,6 +359,17 @@ def test_inductor_cache_dir_is_scoped(tmp_path: Path) -> None:
     assert cache_dir() == before
 
 
+def test_inductor_cache_dir_is_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A relative cache dir is made absolute: AOTInductor's CUDA wrapper compile runs g++ elsewhere."""
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    from compression.runtime_inductor import inductor_cache_dir
+
+    monkeypatch.chdir(tmp_path)
+    with inductor_cache_dir(Path("cache") / "inductor"):
+        assert cache_dir() == str(tmp_path.resolve() / "cache" / "inductor")
+
+
 # --- latency --------------------------------------------------------------------------------------
 
 
