@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
 
 from protos import grpc_service_pb2, grpc_service_pb2_grpc
 
@@ -93,6 +95,47 @@ def time_calls(call: Callable[[], object], *, warmup: int, iterations: int) -> n
         call()
         samples[i] = time.perf_counter() - started
     return samples
+
+
+def metric_totals(metrics_url: str) -> dict[str, float]:
+    """Every sample of the server's /metrics summed over its labels, by sample name."""
+    text = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
+    totals: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            totals[sample.name] = totals.get(sample.name, 0.0) + sample.value
+    return totals
+
+
+@dataclass(frozen=True)
+class ServerSide:
+    """What the server's own metrics say about a stretch of load: how full its batches were and where
+    a request's time went inside the server (the rest of the end-to-end latency is transport)."""
+
+    mean_batch: float
+    forward_ms: float
+    """Mean time of one batched forward pass (assembly included)."""
+    queue_ms: float
+    in_server_ms: float
+    """Mean time from receiving a request to sending its response."""
+    model_busy: float
+    """Share of the wall-clock time the model spent in forward passes."""
+
+    @classmethod
+    def between(cls, before: dict[str, float], after: dict[str, float], seconds: float) -> ServerSide:
+        delta = {name: after.get(name, 0.0) - before.get(name, 0.0) for name in after}
+
+        def mean(prefix: str, scale: float = 1e3) -> float:
+            count = delta.get(f"{prefix}_count", 0.0)
+            return scale * delta.get(f"{prefix}_sum", 0.0) / count if count else float("nan")
+
+        return cls(
+            mean_batch=mean("slimserve_batch_size", scale=1.0),
+            forward_ms=mean("slimserve_compute_duration_seconds"),
+            queue_ms=mean("slimserve_queue_duration_seconds"),
+            in_server_ms=mean("slimserve_request_duration_seconds"),
+            model_busy=delta.get("slimserve_compute_duration_seconds_sum", 0.0) / seconds,
+        )
 
 
 def table(headers: list[str], rows: list[list[str]]) -> str:

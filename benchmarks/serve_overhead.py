@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import time
 from pathlib import Path
 
 import grpc
 import numpy as np
 import torch
 
-from benchmarks.common import slimserve_process, table, time_calls
+from benchmarks.common import ServerProcess, ServerSide, metric_totals, slimserve_process, table, time_calls
 from benchmarks.device_config import config_on_device, device_name
 from clients.loadgen import Call, LoadResult, infer_call, run_levels
 from compression.pipeline import cached_entry
@@ -31,6 +32,8 @@ from server.loading import load_model
 from server.registry import COMPRESSED_ALIAS, INPUT_NAME, ORIGINAL
 from server.runners import original_predictor
 from server.settings import ModelSettings, default_config, load_config
+
+WARMUP_S = 2.0
 
 
 def served_predictor(config_path: Path | None, model_name: str, variant: str) -> tuple[Predictor, ModelSettings]:
@@ -67,12 +70,20 @@ def in_process(
 
 
 async def grpc_load(
-    address: str, model: str, version: str, shape: tuple[int, ...], concurrency: list[int], duration_s: float
-) -> dict[int, LoadResult]:
+    server: ServerProcess, model: str, version: str, shape: tuple[int, ...], concurrency: list[int], duration_s: float
+) -> dict[int, tuple[LoadResult, ServerSide]]:
+    """Each concurrency level in turn, with the server's own account of it (warm-up included)."""
+
     def make_call(channel: grpc.aio.Channel) -> Call:
         return infer_call(channel, model, INPUT_NAME, [1, *shape], version=version)
 
-    return await run_levels(address, make_call, concurrency, duration_s=duration_s, warmup_s=2)
+    results = {}
+    for level in concurrency:
+        before, started = metric_totals(server.metrics_url), time.perf_counter()
+        load = await run_levels(server.address, make_call, [level], duration_s=duration_s, warmup_s=WARMUP_S)
+        inside = ServerSide.between(before, metric_totals(server.metrics_url), time.perf_counter() - started)
+        results[level] = (load[level], inside)
+    return results
 
 
 def main() -> None:
@@ -95,11 +106,9 @@ def main() -> None:
     forward_p50, batched, shape = in_process(args.config, args.model, args.variant, args.iterations)
     best_size = max(batched, key=batched.__getitem__)
     with slimserve_process(args.config) as server:
-        results = asyncio.run(
-            grpc_load(server.address, args.model, args.variant, shape, args.concurrency, args.duration)
-        )
+        results = asyncio.run(grpc_load(server, args.model, args.variant, shape, args.concurrency, args.duration))
 
-    c1 = results.get(1)
+    c1 = results[1][0] if 1 in results else None
     print(
         f"\nmodel {args.model!r}, variant {args.variant!r}, input {[1, *shape]}, "
         f"on {device_name(args.config, args.model)}, {torch.get_num_threads()} torch threads\n"
@@ -116,8 +125,8 @@ def main() -> None:
             )
         )
         print()
-    rows = [[f"in-process, batch {best_size} (best)", f"{batched[best_size]:.0f}", "", "", "1.00"]]
-    for level, result in results.items():
+    rows = [[f"in-process, batch {best_size} (best)", f"{batched[best_size]:.0f}", "", "", "1.00", "", "", "", ""]]
+    for level, (result, inside) in results.items():
         rows.append(
             [
                 f"gRPC, concurrency {level}",
@@ -125,12 +134,17 @@ def main() -> None:
                 f"{result.p50_ms:.2f}",
                 f"{result.p99_ms:.2f}",
                 f"{result.throughput / batched[best_size]:.2f}",
+                f"{inside.mean_batch:.1f}",
+                f"{inside.forward_ms:.2f}",
+                f"{inside.in_server_ms:.2f}",
+                f"{inside.model_busy:.0%}",
             ]
         )
-    print(table(["load", "images/s", "p50 ms", "p99 ms", "ratio to best in-process"], rows))
-    errors = sum(r.error_count for r in results.values())
+    headers = ["load", "images/s", "p50 ms", "p99 ms", "ratio to best in-process"]
+    print(table([*headers, "server: mean batch", "forward ms", "in-server ms", "model busy"], rows))
+    errors = sum(r.error_count for r, _ in results.values())
     if errors:
-        print(f"\n{errors} requests failed: {[r.errors for r in results.values()]}")
+        print(f"\n{errors} requests failed: {[r.errors for r, _ in results.values()]}")
 
 
 if __name__ == "__main__":

@@ -15,16 +15,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import tempfile
-import urllib.request
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import numpy as np
 import yaml
-from prometheus_client.parser import text_string_to_metric_families
 
-from benchmarks.common import ServerProcess, slimserve_process, table
+from benchmarks.common import ServerProcess, metric_totals, slimserve_process, table
 from clients.loadgen import LoadResult, infer_call, open_channel, run_load
 from compression.pipeline import cached_entry
 from server.loading import load_model
@@ -72,13 +70,8 @@ async def load_once(address: str, model: str, shape: tuple[int, ...], concurrenc
 
 def shadow_counts(metrics_url: str) -> tuple[float, float]:
     """(images compared, samples dropped) so far, from the server's /metrics."""
-    text = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
-    totals = {"slimserve_shadow_comparisons_total": 0.0, "slimserve_shadow_dropped_total": 0.0}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name in totals:
-                totals[sample.name] += sample.value
-    return totals["slimserve_shadow_comparisons_total"], totals["slimserve_shadow_dropped_total"]
+    totals = metric_totals(metrics_url)
+    return totals.get("slimserve_shadow_comparisons_total", 0.0), totals.get("slimserve_shadow_dropped_total", 0.0)
 
 
 def main() -> None:

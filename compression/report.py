@@ -69,13 +69,19 @@ HEADERS = [
 ]
 
 
+def _limit(name: str, bound: str, value: object, unit: str = "") -> str:
+    return f"no {name} limit" if value is None else f"{name} {bound} {value}{unit}"
+
+
 def markdown(report: SearchReport) -> str:
     budget = report.budget
     lines = [
         f"# Compression report: {report.model}",
         "",
-        f"Target: {report.device}, batch {report.batch_size}. Budget: p95 <= {budget['max_latency_ms']} ms, "
-        f"top-1 drop <= {budget['max_accuracy_drop']} pt, min agreement {budget['min_agreement']}, "
+        f"Target: {report.device}, batch {report.batch_size}. Budget: "
+        f"{_limit('p95', '<=', budget['max_latency_ms'], ' ms')}, "
+        f"{_limit('top-1 drop', '<=', budget['max_accuracy_drop'], ' pt')}, "
+        f"{_limit('agreement', '>=', budget['min_agreement'])}, "
         f"objective {budget['objective']}, on_unmet {budget['on_unmet']}.",
         f"Data: {report.data['calibration_images']} calibration, {report.data['validation_images']} validation "
         f"images ({'labelled' if report.data['labelled'] else 'unlabelled: fidelity is agreement'}).",
