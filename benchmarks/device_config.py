@@ -1,4 +1,5 @@
-"""``--device`` for the serving benchmarks: the same deploy config with one model moved to another device."""
+"""The deploy config a serving benchmark runs: one model moved to another device (``--device``), and
+without its compression block when the original is measured (no background search competing)."""
 
 from __future__ import annotations
 
@@ -16,8 +17,6 @@ CONFIG_DIR = Path("build/benchmarks/configs")
 def on_device(config: DeployConfig, model_name: str, device: str) -> DeployConfig:
     """``config`` with ``model_name`` served (and compressed) on ``device``; validated again, so the GPU
     batching defaults apply where the file leaves ``batching`` unset."""
-    if not any(m.name == model_name for m in config.models):
-        raise SystemExit(f"no model {model_name!r} in the deploy config")
     models = []
     for model in config.models:
         if model.name == model_name:
@@ -30,17 +29,36 @@ def on_device(config: DeployConfig, model_name: str, device: str) -> DeployConfi
     return config.model_copy(update={"models": models})
 
 
-def config_on_device(config_path: Path | None, model_name: str, device: str | None) -> Path | None:
-    """``config_path`` itself without ``device``; else a copy with ``model_name`` on ``device``, written under
-    build/ (paths in it absolute). Exits with the reason when ``device`` is a GPU torch cannot see."""
-    if device is None:
+def without_compression(config: DeployConfig, model_name: str) -> DeployConfig:
+    """``config`` with ``model_name`` served as the original only: a server that finds no cached compression
+    result starts the search in a child process, which would compete with the measurement for the cores."""
+    models = [m.model_copy(update={"compression": None}) if m.name == model_name else m for m in config.models]
+    return config.model_copy(update={"models": models})
+
+
+def benchmark_config(
+    config_path: Path | None, model_name: str, *, device: str | None, compression: bool
+) -> Path | None:
+    """``config_path`` itself where nothing changes; else a copy with ``model_name`` on ``device`` and/or
+    without its compression block, written under build/ (paths in it absolute). Exits with the reason
+    when ``device`` is a GPU torch cannot see."""
+    config = load_config(config_path) if config_path else default_config()
+    model = next((m for m in config.models if m.name == model_name), None)
+    if model is None:
+        raise SystemExit(f"no model {model_name!r} in the deploy config")
+    strip = not compression and model.compression is not None
+    if device is None and not strip:
         return config_path
-    try:
-        require_cuda(device)
-    except CudaUnavailable as exc:
-        raise SystemExit(f"--device {device}: {exc}") from None
-    config = on_device(load_config(config_path) if config_path else default_config(), model_name, device)
-    path = CONFIG_DIR / f"{model_name}-{device.replace(':', '')}.yaml"
+    if device is not None:
+        try:
+            require_cuda(device)
+        except CudaUnavailable as exc:
+            raise SystemExit(f"--device {device}: {exc}") from None
+        config = on_device(config, model_name, device)
+    if strip:
+        config = without_compression(config, model_name)
+    name = f"{model_name}-{(device or 'same-device').replace(':', '')}{'' if compression else '-original-only'}"
+    path = CONFIG_DIR / f"{name}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
     return path.resolve()

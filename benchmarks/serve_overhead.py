@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from benchmarks.common import ServerProcess, ServerSide, metric_totals, slimserve_process, table, time_calls
-from benchmarks.device_config import config_on_device, device_name
+from benchmarks.device_config import benchmark_config, device_name
 from clients.loadgen import Call, LoadResult, infer_call, run_levels
 from compression.pipeline import cached_entry
 from compression.predictor import Predictor
@@ -101,7 +101,9 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=200, help="in-process timed forward passes")
     parser.add_argument("--device", help="serve the model on this device instead (cuda, cuda:N): GPU batching defaults")
     args = parser.parse_args()
-    args.config = config_on_device(args.config, args.model, args.device)
+    args.config = benchmark_config(
+        args.config, args.model, device=args.device, compression=args.variant == COMPRESSED_ALIAS
+    )
 
     forward_p50, batched, shape = in_process(args.config, args.model, args.variant, args.iterations)
     best_size = max(batched, key=batched.__getitem__)
