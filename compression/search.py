@@ -28,6 +28,7 @@ from compression.candidates import Candidate, default_candidates
 from compression.context import CompressionContext
 from compression.cuda_support import module_device, require_cuda
 from compression.data import EvalData
+from compression.errors import TechniqueError
 from compression.latency import measure_latency
 from compression.predictor import Predictor
 from compression.realization import build_predictor
@@ -41,6 +42,12 @@ log = logging.getLogger("slimserve.compression")
 CANDIDATES_DIR = "candidates"
 SCORE_SAMPLES = 512
 STORAGE_ONLY = {"magnitude_prune", "weight_cluster", "weight_clip"}
+TEACHER_ONLY = {"student"}
+"""Techniques that only run the model they start from (as the teacher), so any model will do."""
+OPAQUE_TORCHSCRIPT = (
+    "the model is TorchScript that could not be converted to a graph at load (the server log says why), so it "
+    "cannot be traced or exported; compress it from a torch.export or python source, or with a 'student' step first"
+)
 
 
 @dataclass
@@ -282,10 +289,15 @@ def _apply_chain(
     current = model
     with training_threads():
         for depth in range(1, len(candidate.steps) + 1):
+            step = candidate.steps[depth - 1]
+            if isinstance(current, torch.jit.ScriptModule) and step.name not in TEACHER_ONLY:
+                raise TechniqueError(f"{step.name}: {OPAQUE_TORCHSCRIPT}")
             key = json.dumps([config_to_dict(s) for s in candidate.steps[:depth]], sort_keys=True)
             if key not in transformed:
-                transformed[key] = apply(current, candidate.steps[depth - 1], ctx).eval()
+                transformed[key] = apply(current, step, ctx).eval()
             current = transformed[key]
+    if isinstance(current, torch.jit.ScriptModule):
+        raise TechniqueError(f"{candidate.realization.runtime} {candidate.realization.precision}: {OPAQUE_TORCHSCRIPT}")
     return current
 
 

@@ -3,6 +3,11 @@
 Weights files are read with ``torch.load(weights_only=True)``: a state_dict of tensors, never
 arbitrary pickled objects. The one exception is a ``pickle`` source, which the config must mark
 ``trust_pickle: true`` (its validator refuses it otherwise).
+
+TorchScript and ``torch.export`` files are imported as an ``fx.GraphModule`` of real layers
+(``server/graph_import.py``), checked to compute what the file does, so that they serve with any batch
+size and the compression techniques work on them as on a python source. A file the importer cannot
+handle is served as it is (with a warning), and compression says per candidate why it cannot proceed.
 """
 
 from __future__ import annotations
@@ -10,13 +15,17 @@ from __future__ import annotations
 import importlib
 import logging
 import time
+import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.fx as fx
 import torchvision
 from torch import nn
 
+from server.graph_import import import_program, torchscript_to_program, training_batch_norms
 from server.settings import (
     BuiltinSource,
     ExportSource,
@@ -28,6 +37,10 @@ from server.settings import (
 )
 
 log = logging.getLogger("slimserve.loading")
+
+_IMPORT_TOLERANCE = 1e-4
+"""Largest difference, relative to the largest logit (at least 1), between an imported graph and its source:
+the same kernels run, so it is rounding at most."""
 
 
 class ModelLoadError(Exception):
@@ -49,10 +62,10 @@ class LoadedModel:
 def load_model(settings: ModelSettings, cache_dir: Path) -> LoadedModel:
     """Load, check against the preprocessing's input shape, and report how long it took."""
     started = time.perf_counter()
-    module, source_file = _load_module(settings, cache_dir)
-    module.eval()
     pre = settings.preprocessing
     input_shape = (pre.channels, pre.crop, pre.crop)
+    module, source_file = _load_module(settings, cache_dir, input_shape)
+    module.eval()
     num_classes = _probe_num_classes(settings.name, module, input_shape)
     labels = _load_labels(settings, num_classes)
     seconds = time.perf_counter() - started
@@ -67,7 +80,9 @@ def load_model(settings: ModelSettings, cache_dir: Path) -> LoadedModel:
     return LoadedModel(module, labels, input_shape, num_classes, seconds, source_file)
 
 
-def _load_module(settings: ModelSettings, cache_dir: Path) -> tuple[nn.Module, Path | None]:
+def _load_module(
+    settings: ModelSettings, cache_dir: Path, input_shape: tuple[int, int, int]
+) -> tuple[nn.Module, Path | None]:
     source = settings.source
     if isinstance(source, BuiltinSource):
         from server.digits.model import DigitsNet, ensure_trained
@@ -82,20 +97,197 @@ def _load_module(settings: ModelSettings, cache_dir: Path) -> tuple[nn.Module, P
         return _load_python(settings, source), source.weights
     if isinstance(source, TorchScriptSource):
         _require_file(source.path, "source.path")
+        _check_archive(settings, source.path, "torchscript")
         try:
-            return torch.jit.load(str(source.path), map_location="cpu"), source.path
-        except RuntimeError as exc:
-            raise ModelLoadError(f"{source.path} is not a TorchScript file: {exc}") from exc
+            script = torch.jit.load(str(source.path), map_location="cpu")
+        except Exception as exc:  # noqa: BLE001 - torch raises many types for a bad archive
+            raise ModelLoadError(
+                f"model {settings.name!r}: source.path {source.path} cannot be loaded as TorchScript: "
+                f"{_first_line(exc)}"
+            ) from exc
+        return _import_torchscript(settings, source.path, script.eval(), input_shape), source.path
     if isinstance(source, ExportSource):
         _require_file(source.path, "source.path")
+        _check_archive(settings, source.path, "export")
         try:
             program = torch.export.load(str(source.path))
         except Exception as exc:  # noqa: BLE001 - torch raises many types for a bad archive
-            raise ModelLoadError(f"{source.path} is not a torch.export program: {exc}") from exc
-        return program.module(), source.path
+            raise ModelLoadError(
+                f"model {settings.name!r}: source.path {source.path} cannot be loaded as a torch.export program: "
+                f"{_first_line(exc)}"
+            ) from exc
+        _check_program_input(settings, source.path, program)
+        return _import_program(settings, source.path, program, input_shape), source.path
     if isinstance(source, PickleSource):
         return _load_trusted_pickle(settings, source), source.path
     raise ModelLoadError(f"unsupported source format {source.format!r}")
+
+
+_ARCHIVE_KINDS = {
+    "torchscript": ("TorchScript", "torch.jit.save"),
+    "export": ("a torch.export program", "torch.export.save"),
+    "torch.save": ("a torch.save checkpoint (a state_dict or a pickled module)", "torch.save"),
+}
+
+
+def _archive_kind(path: Path) -> str | None:
+    """What wrote the zip archive at ``path``: "torchscript", "export", "torch.save"; None if not a zip."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return None
+    # NOTE: every entry sits under one top folder; .pt2 archives name their format, TorchScript has code/.
+    if any(n.endswith("/archive_format") or n == "archive_format" for n in names):
+        return "export"
+    if any(n.endswith("/constants.pkl") for n in names) and any("/code/" in n for n in names):
+        return "torchscript"
+    if any(n.endswith("/data.pkl") for n in names):
+        return "torch.save"
+    return "unknown"
+
+
+def _check_archive(settings: ModelSettings, path: Path, expected: str) -> None:
+    """Name what is wrong with the file before torch's deserializers give their generic errors."""
+    what, writer = _ARCHIVE_KINDS[expected]
+    kind = _archive_kind(path)
+    prefix = f"model {settings.name!r}: source.path {path}"
+    if kind is None:
+        raise ModelLoadError(
+            f"{prefix} is not {what}: it is not a complete zip archive as {writer} writes "
+            "(truncated, or another kind of file)"
+        )
+    if kind in _ARCHIVE_KINDS and kind != expected:
+        fix = {
+            "torchscript": "use source {format: torchscript, path: ...}",
+            "export": "use source {format: export, path: ...}",
+            "torch.save": "give a state_dict as the weights of a torchvision or python source",
+        }[kind]
+        raise ModelLoadError(f"{prefix} is {_ARCHIVE_KINDS[kind][0]}, not {what}: {fix}")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _check_program_input(settings: ModelSettings, path: Path, program: torch.export.ExportedProgram) -> None:
+    """One image batch in, with a batch dimension that covers 1..batching.max_batch_size."""
+    prefix = f"model {settings.name!r}: {path}"
+    inputs = list(program.graph_signature.user_inputs)
+    if len(inputs) != 1:
+        raise ModelLoadError(f"{prefix} takes {len(inputs)} inputs ({', '.join(inputs)}); slimserve passes one batch")
+    node = next(n for n in program.graph.nodes if n.op == "placeholder" and n.name == inputs[0])
+    value = node.meta.get("val")
+    if not isinstance(value, torch.Tensor) or value.dim() == 0:
+        return
+    batch, limit = value.shape[0], settings.batching.max_batch_size
+    fix = (
+        "export with a dynamic batch: torch.export.export(model, (x,), dynamic_shapes="
+        f"({{0: torch.export.Dim('batch', min=1, max={max(limit, 2)})}},))"
+    )
+    if isinstance(batch, int):
+        if batch != 1 or limit > 1:
+            also = ", or set batching.max_batch_size: 1" if batch == 1 else ""
+            raise ModelLoadError(
+                f"{prefix} was exported for a fixed batch of {batch} row(s), but the server runs batches of "
+                f"1 to batching.max_batch_size={limit} rows: {fix}{also}"
+            )
+        return
+    ranges = program.range_constraints.get(batch.node.expr)
+    try:
+        upper = int(ranges.upper) if ranges is not None else None
+    except (TypeError, ValueError, OverflowError):  # NOTE: unbounded (int_oo)
+        upper = None
+    if upper is not None and upper < limit:
+        raise ModelLoadError(
+            f"{prefix} accepts batches of at most {upper} rows, but batching.max_batch_size is {limit}: "
+            f"lower max_batch_size or {fix}"
+        )
+
+
+def _import_program(
+    settings: ModelSettings, path: Path, program: torch.export.ExportedProgram, input_shape: tuple[int, int, int]
+) -> nn.Module:
+    """The program as a plain GraphModule with real layers (what compression needs), checked against itself.
+
+    NOTE: should the import fail, the program's own module serves (compression then finds no layers to
+    work on); its ``train``/``eval`` are pinned to raise, and since the graph's mode was fixed at export,
+    the plain ``nn.Module`` methods (which only set flags) are safe to restore.
+    """
+    exported = program.module()
+    del exported.train, exported.eval
+    module = _imported(
+        settings,
+        exported,
+        lambda: import_program(program),
+        input_shape,
+        f"cannot import the layers of {path}; serving the program as exported, and compression techniques "
+        "that work on layers will fail on it",
+    )
+    if isinstance(module, fx.GraphModule) and module is not exported and (training := training_batch_norms(module)):
+        log.warning(
+            "model %r: %s has %d batch norm(s) in training mode (batch statistics, so a row's logits depend on "
+            "the rest of its batch): export the model after model.eval()",
+            settings.name,
+            path,
+            training,
+        )
+    return module
+
+
+def _import_torchscript(
+    settings: ModelSettings, path: Path, script: torch.jit.ScriptModule, input_shape: tuple[int, int, int]
+) -> nn.Module:
+    """TorchScript converted to a torch.export program and imported; the ScriptModule itself if that fails."""
+    return _imported(
+        settings,
+        script,
+        lambda: import_program(torchscript_to_program(script, _example_batch(settings, input_shape))),
+        input_shape,
+        f"cannot convert TorchScript {path} to a torch.export graph; serving it as TorchScript, and "
+        "compression can only distill a student from it",
+    )
+
+
+def _imported(
+    settings: ModelSettings,
+    original: nn.Module,
+    convert: Callable[[], tuple[fx.GraphModule, int]],
+    input_shape: tuple[int, int, int],
+    failed: str,
+) -> nn.Module:
+    """``convert()``'s module if it computes what ``original`` does, else ``original`` (with a warning)."""
+    example = _example_batch(settings, input_shape)
+    try:
+        with torch.no_grad():
+            original(example)
+    except Exception:  # noqa: BLE001 - the shape probe in load_model reports a model that fails on its input
+        return original
+    try:
+        module, lifted = convert()
+        _check_same(original, module, example)
+    except Exception as exc:  # noqa: BLE001 - torch's converter and the importer raise many types
+        log.warning("model %r: %s: %s", settings.name, failed, _first_line(exc))
+        return original
+    log.info("model %r: imported as a graph with %d layers", settings.name, lifted)
+    return module
+
+
+def _example_batch(settings: ModelSettings, input_shape: tuple[int, int, int]) -> torch.Tensor:
+    rows = 2 if settings.batching.max_batch_size >= 2 else 1
+    return torch.randn((rows, *input_shape), generator=torch.Generator().manual_seed(0))
+
+
+def _check_same(reference: nn.Module, imported: nn.Module, example: torch.Tensor) -> None:
+    with torch.no_grad():
+        expected, got = reference(example), imported(example)
+    if not isinstance(got, torch.Tensor) or not isinstance(expected, torch.Tensor) or got.shape != expected.shape:
+        raise ValueError("the imported graph returns something else than the original")
+    error = float((got - expected).abs().max()) if got.numel() else 0.0
+    scale = max(1.0, float(expected.abs().max())) if expected.numel() else 1.0
+    if not error <= _IMPORT_TOLERANCE * scale:
+        raise ValueError(f"the imported graph's outputs differ from the original's by up to {error:.3g}")
 
 
 def _load_torchvision(settings: ModelSettings, source: TorchvisionSource) -> nn.Module:
