@@ -46,6 +46,7 @@ from server.runners import original_predictor
 from server.security import add_port, server_interceptors
 from server.settings import DeployConfig, ModelSettings
 from server.shadow import ShadowComparer
+from server.torch_threads import run_in_passing_thread
 from server.variants import CompressedVariants
 
 log = logging.getLogger("slimserve.app")
@@ -165,7 +166,7 @@ class SlimServer:
     async def _load(self, settings: ModelSettings) -> None:
         started = time.perf_counter()
         cache_dir = self.config.resolved_cache_dir()
-        loaded = await asyncio.to_thread(load_model, settings, cache_dir)
+        loaded = await run_in_passing_thread(load_model, settings, cache_dir)
         server_settings = self.config.server
         preprocessor = ImagePreprocessor(
             settings.preprocessing, server_settings.max_image_pixels, server_settings.allowed_image_formats

@@ -25,6 +25,7 @@ from server.loading import LoadedModel
 from server.metrics import DeployFigures
 from server.registry import ModelRegistry, ServedModel
 from server.settings import DeployConfig
+from server.torch_threads import run_in_passing_thread
 
 log = logging.getLogger("slimserve.variants")
 
@@ -73,7 +74,7 @@ class CompressedVariants:
         if compression is None or not compression.enabled:
             return
         cache_root = self._config.resolved_cache_dir()
-        entry = await asyncio.to_thread(cached_entry, model.settings, loaded, cache_root)
+        entry = await run_in_passing_thread(cached_entry, model.settings, loaded, cache_root)
         if entry is not None:
             log.info("model %r: compressed result found in the cache (%s)", model.name, entry.folder)
             await self._activate(model, entry)
@@ -106,7 +107,7 @@ class CompressedVariants:
         )
         try:
             code = await self._run_child(model.name)
-            entry = await asyncio.to_thread(cached_entry, model.settings, loaded, self._config.resolved_cache_dir())
+            entry = await run_in_passing_thread(cached_entry, model.settings, loaded, self._config.resolved_cache_dir())
             if code != 0 or entry is None:
                 log.error("model %r: compression failed (exit code %s); serving the original", model.name, code)
                 return
@@ -142,7 +143,7 @@ class CompressedVariants:
             log.warning("model %r: the search chose the original (%s); nothing to swap", model.name, report.reason)
             return
         device = model.settings.device
-        predictor = await asyncio.to_thread(load_predictor, artifact, device)
+        predictor = await run_in_passing_thread(load_predictor, artifact, device)
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self._executor, self._warm_up, predictor, model.input_shape, model.max_batch_size)
         chosen = report.variant(report.chosen)
