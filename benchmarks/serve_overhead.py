@@ -9,8 +9,9 @@ Prints (1) the in-process forward p50 at batch 1 vs the gRPC ModelInfer p50 at c
 alternating blocks of calls, and their difference (the serving overhead), and (2) gRPC throughput at
 each concurrency vs the best in-process batched throughput of the same model, with the server's own
 metrics for each level (mean batch, forward time, time in server, share of time the model was busy).
-The original is measured without its compression block (no background search during the load). The server runs in its own process; the load generator shares
-the machine's cores with it, as any client on the same host would.
+The original is measured without its compression block (no background search during the load). The
+server runs in its own process; the load generator shares the machine's cores with it, as any client on
+the same host would.
 """
 
 from __future__ import annotations
@@ -68,6 +69,19 @@ def in_process(
             seconds = time_calls(lambda: forward(batch), warmup=3, iterations=max(5, iterations // size))
             throughput[size] = size / float(np.median(seconds))
     return throughput, loaded_shape
+
+
+def in_process_figures(
+    config_path: Path | None, model_name: str, variant: str, iterations: int
+) -> tuple[float, dict[int, float], tuple[int, int, int]]:
+    """Batch-1 forward p50 (ms), rows/s at each batch size, and the input shape, loaded as the server does
+    (for benchmarks that time the server separately, not interleaved)."""
+    forward, settings = served_predictor(config_path, model_name, variant)
+    throughput, shape = in_process(forward, settings, iterations)
+    batch = torch.randn(1, *shape)
+    with torch.inference_mode():
+        p50_ms = float(np.median(time_calls(lambda: forward(batch), warmup=10, iterations=iterations))) * 1e3
+    return p50_ms, throughput, shape
 
 
 async def interleaved_batch_one(

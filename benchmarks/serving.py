@@ -42,7 +42,7 @@ from benchmarks.peers.servers import (
     slimserve,
 )
 from benchmarks.peers.weights import write_weights
-from benchmarks.serve_overhead import in_process
+from benchmarks.serve_overhead import in_process_figures
 from clients.loadgen import LoadResult, random_input, run_levels
 from compression.candidates import BN_FOLD
 from server.registry import COMPRESSED_ALIAS, ORIGINAL
@@ -109,7 +109,7 @@ def compressed_available(batching: Batching) -> bool:
 
 def measure_in_process(variant: str, batching: Batching, iterations: int) -> InProcess:
     try:
-        p50_ms, throughput, _ = in_process(our_server(variant).config(batching), MODEL, variant, iterations)
+        p50_ms, throughput, _ = in_process_figures(our_server(variant).config(batching), MODEL, variant, iterations)
     except SystemExit as exc:  # serve_overhead's "nothing in the cache"
         raise RuntimeError(str(exc)) from None
     best = max(throughput, key=throughput.__getitem__)
