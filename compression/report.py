@@ -32,7 +32,7 @@ def summary_rows(report: SearchReport) -> list[list[str]]:
     for v in [report.original, *report.candidates]:
         speedup = f"{base / v.latency_p50_ms:.2f}x" if base and v.latency_p50_ms else "-"
         status = (
-            "FAILED: " + (v.error or "")[:80]
+            "FAILED: " + (v.error or "").strip().splitlines()[0][:80]
             if v.error
             else ("chosen" if v.name == report.chosen else ("within budget" if v.meets_budget else "outside budget"))
         )

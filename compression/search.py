@@ -269,6 +269,7 @@ def _build(
     except Exception as exc:  # noqa: BLE001 - a failing technique is a result, not a crash
         log.debug("candidate %s failed", candidate.name, exc_info=True)
         report.error = f"{type(exc).__name__}: {exc}"
+        log.warning("candidate %s failed: %s", candidate.name, report.error.strip().splitlines()[0][:300])
         report.build_seconds = round(time.perf_counter() - started, 1)
         return report
     report.build_seconds = round(time.perf_counter() - started, 1)
