@@ -14,6 +14,14 @@ class TechniqueError(RuntimeError):
     """A technique cannot be applied to this model; the message names the layer or the reason."""
 
 
+def first_line(error: BaseException | str) -> str:
+    """The first non-empty line of an error (torch's exporters raise pages), for logs and report tables."""
+    text = str(error).strip()
+    if text:
+        return text.splitlines()[0]
+    return type(error).__name__ if isinstance(error, BaseException) else ""
+
+
 def check_int(name: str, value: object, low: int, high: int | None = None) -> None:
     """Raise ValueError unless ``value`` is an int (not a bool) in ``[low, high]``."""
     ok = isinstance(value, int) and not isinstance(value, bool) and value >= low and (high is None or value <= high)

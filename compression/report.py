@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from compression.errors import first_line
 from compression.search import SearchReport, VariantReport
 
 REPORT_JSON, REPORT_MD, PARETO_PNG = "report.json", "report.md", "pareto.png"
@@ -32,7 +33,7 @@ def summary_rows(report: SearchReport) -> list[list[str]]:
     for v in [report.original, *report.candidates]:
         speedup = f"{base / v.latency_p50_ms:.2f}x" if base and v.latency_p50_ms else "-"
         status = (
-            "FAILED: " + (v.error or "").strip().splitlines()[0][:80]
+            "FAILED: " + first_line(v.error)[:80]
             if v.error
             else ("chosen" if v.name == report.chosen else ("within budget" if v.meets_budget else "outside budget"))
         )

@@ -28,7 +28,7 @@ from compression.candidates import Candidate, default_candidates
 from compression.context import CompressionContext
 from compression.cuda_support import module_device, require_cuda
 from compression.data import EvalData
-from compression.errors import TechniqueError
+from compression.errors import TechniqueError, first_line
 from compression.latency import measure_latency
 from compression.predictor import Predictor
 from compression.realization import build_predictor
@@ -269,7 +269,7 @@ def _build(
     except Exception as exc:  # noqa: BLE001 - a failing technique is a result, not a crash
         log.debug("candidate %s failed", candidate.name, exc_info=True)
         report.error = f"{type(exc).__name__}: {exc}"
-        log.warning("candidate %s failed: %s", candidate.name, report.error.strip().splitlines()[0][:300])
+        log.warning("candidate %s failed: %s", candidate.name, first_line(report.error)[:300])
         report.build_seconds = round(time.perf_counter() - started, 1)
         return report
     report.build_seconds = round(time.perf_counter() - started, 1)
