@@ -31,6 +31,7 @@ from clients.loadgen import Call, LoadResult, infer_call, open_channel, run_leve
 from compression.pipeline import cached_entry
 from compression.predictor import Predictor
 from compression.realization import load_predictor
+from server.allocator import keep_large_buffers_in_heap
 from server.loading import load_model
 from server.registry import COMPRESSED_ALIAS, INPUT_NAME, ORIGINAL
 from server.runners import original_predictor
@@ -42,7 +43,9 @@ BLOCK = 10
 
 
 def served_predictor(config_path: Path | None, model_name: str, variant: str) -> tuple[Predictor, ModelSettings]:
-    """The predictor the server runs for ``variant``: the original, or the cached compressed artifact."""
+    """The predictor the server runs for ``variant``: the original, or the cached compressed artifact,
+    in a process with the server's allocator settings."""
+    keep_large_buffers_in_heap()
     config = load_config(config_path) if config_path else default_config()
     settings = next(m for m in config.models if m.name == model_name)
     loaded = load_model(settings, config.resolved_cache_dir())

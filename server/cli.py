@@ -11,6 +11,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from server import __version__
+from server.allocator import keep_large_buffers_in_heap
 from server.app import StartupError, serve
 from server.loading import ModelLoadError
 from server.settings import ConfigError, DeployConfig, default_config, format_validation_error, load_config
@@ -67,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.log_level != "DEBUG":
         for chatty in CHATTY_LIBRARIES:
             logging.getLogger(chatty).setLevel(logging.WARNING)
+    # NOTE: the compression search too, so that it times candidates as the server will run them.
+    keep_large_buffers_in_heap()
     try:
         config = resolve_config(args)
         if args.command == "compress":
