@@ -3,6 +3,8 @@
     benchmarks/peers/setup_mlserver.sh && benchmarks/peers/setup_torchserve.sh   # once; optional
     .venv/bin/python -m benchmarks.serving                          # slimserve's original fp32 variant + peers
     .venv/bin/python -m benchmarks.serving --compressed --duration 30   # also the compressed variant
+    .venv/bin/python -m benchmarks.serving --fp32-runtime               # also the same fp32 weights on the
+                                                                        # fastest measured runtime
 
 Every server serves the same seed-fixed resnet18 weights (``benchmarks/peers/weights.py``) on loopback
 with the same batching limits, one server at a time, and the same closed-loop load generator drives
@@ -50,6 +52,9 @@ from server.registry import COMPRESSED_ALIAS, ORIGINAL
 LOGS = BUILD_DIR / "logs"
 CALIBRATION = BUILD_DIR / "calibration.pt"
 OURS = "slimserve"
+FP32_RUNTIME = "fp32-runtime"
+"""The same fp32 weights on the fastest runtime the search measures (its logits are checked like a peer's)."""
+SAME_WEIGHTS = (ORIGINAL, FP32_RUNTIME)
 
 
 @dataclass(frozen=True)
@@ -79,37 +84,52 @@ class Measured:
         return self.name == OURS
 
 
-def compression_block() -> dict[str, object]:
+def compression_block(
+    candidates: list[dict[str, object]] | None = None, min_agreement: float = 0.9
+) -> dict[str, object]:
     """A small search for the compressed variant, on random images (agreement with the original)."""
     if not CALIBRATION.exists():
         generator = torch.Generator().manual_seed(0)
         torch.save({"images": torch.randn(192, *INPUT_SHAPE, generator=generator)}, CALIBRATION)
     return {
         "target": {"device": "cpu", "batch_size": 1},
-        "budget": {"max_accuracy_drop": None, "min_agreement": 0.9, "on_unmet": "best_accuracy"},
+        "budget": {"max_accuracy_drop": None, "min_agreement": min_agreement, "on_unmet": "best_accuracy"},
         "data": {"source": "tensor_file", "path": str(CALIBRATION), "calibration_size": 128, "validation_size": 64},
-        "candidates": [
-            {"name": "onnxruntime-fp32", "steps": [BN_FOLD], "realization": {"runtime": "onnxruntime"}},
-            {"name": "int8-onnxruntime", "realization": {"runtime": "onnxruntime", "precision": "int8"}},
-        ],
+        "candidates": candidates or [FP32_ONNXRUNTIME, INT8_ONNXRUNTIME],
     }
 
 
+FP32_ONNXRUNTIME: dict[str, object] = {
+    "name": "onnxruntime-fp32",
+    "steps": [BN_FOLD],
+    "realization": {"runtime": "onnxruntime"},
+}
+FP32_COMPILED: dict[str, object] = {"name": "compiled-fp32", "steps": [BN_FOLD], "realization": {"runtime": "inductor"}}
+INT8_ONNXRUNTIME: dict[str, object] = {
+    "name": "int8-onnxruntime",
+    "realization": {"runtime": "onnxruntime", "precision": "int8"},
+}
+
+
 def our_server(variant: str) -> Slimserve:
+    """slimserve serving ``variant``: the original, the compressed one, or the fp32 weights on another runtime."""
+    if variant == FP32_RUNTIME:
+        return slimserve(COMPRESSED_ALIAS, compression_block([FP32_ONNXRUNTIME, FP32_COMPILED], 1.0), FP32_RUNTIME)
     return slimserve(variant, compression_block() if variant == COMPRESSED_ALIAS else None)
 
 
-def compressed_available(batching: Batching) -> bool:
-    """Run (or reuse from the cache) the compression search; whether it chose a compressed variant."""
-    config = our_server(COMPRESSED_ALIAS).config(batching)
+def searched(variant: str, batching: Batching) -> bool:
+    """Run (or reuse from the cache) the compression search for ``variant``; whether it chose a variant."""
+    config = our_server(variant).config(batching)
     print(f"compressing (cached after the first run): slimserve compress --config {config}", file=sys.stderr)
     done = subprocess.run([sys.executable, "-m", "server.cli", "compress", "--config", str(config)], check=False)
     return done.returncode == 0
 
 
 def measure_in_process(variant: str, batching: Batching, iterations: int) -> InProcess:
+    server = our_server(variant)
     try:
-        p50_ms, throughput, _ = in_process_figures(our_server(variant).config(batching), MODEL, variant, iterations)
+        p50_ms, throughput, _ = in_process_figures(server.config(batching), MODEL, server.version, iterations)
     except SystemExit as exc:  # serve_overhead's "nothing in the cache"
         raise RuntimeError(str(exc)) from None
     best = max(throughput, key=throughput.__getitem__)
@@ -121,7 +141,7 @@ def load(server: Server, batching: Batching, levels: list[int], duration_s: floa
     array = random_input((1, *INPUT_SHAPE))
     with server.serve(batching, LOGS / f"{server.name.split()[0]}-{server.variant}.log") as address:
         # a compressed variant answers with its own logits, close to but not those of the original
-        if server.variant == ORIGINAL and not verify(server, address, array):
+        if server.variant in SAME_WEIGHTS and not verify(server, address, array):
             raise SystemExit(f"{server.name} answers with wrong logits: not benchmarking it")
         call = partial(server.call, array=array)
         results, outside = {}, {}
@@ -183,24 +203,26 @@ def acceptance(runs: list[Measured], limits: dict[str, InProcess]) -> list[str]:
         if (c32 := run.results.get(32)) is not None:
             share = c32.throughput / limit.best_throughput
             lines.append(f"{_verdict(share >= 0.9)} {name}: c32 req/s = {share:.2f} of in-process best (>= 0.90)")
-    ours = next((r for r in runs if r.ours and r.variant == ORIGINAL), None)
     peers = [r for r in runs if not r.ours]
-    return lines + (versus_peers(ours, peers) if ours is not None else [])
+    for ours in (r for r in runs if r.ours and r.variant in SAME_WEIGHTS):
+        lines += versus_peers(ours, peers)
+    return lines
 
 
 def versus_peers(ours: Measured, peers: list[Measured]) -> list[str]:
-    """slimserve's original variant against each peer: throughput at c32, p99 at every level."""
+    """slimserve serving the peers' fp32 weights against each peer: throughput at c32, p99 at every level."""
     lines = []
     for peer in peers:
+        name = f"{ours.name} ({ours.variant}) vs {peer.name}"
         if 32 in peer.results and 32 in ours.results:
             mine, theirs = ours.results[32].throughput, peer.results[32].throughput
             ratio = _ratio(mine, theirs, "x")
-            lines.append(f"{_verdict(mine >= 2 * theirs)} vs {peer.name}: c32 req/s {ratio} (>= 2x)")
+            lines.append(f"{_verdict(mine >= 2 * theirs)} {name}: c32 req/s {ratio} (>= 2x)")
         for level in sorted(set(peer.results) & set(ours.results)):
             mine, theirs = ours.results[level].p99_ms, peer.results[level].p99_ms
             # NOTE: a peer that finished no request in the window has a NaN p99: slimserve's is lower.
             ok = mine < theirs or (math.isnan(theirs) and not math.isnan(mine))
-            lines.append(f"{_verdict(ok)} vs {peer.name}: p99 at c{level} {mine:.1f} vs {theirs:.1f} ms")
+            lines.append(f"{_verdict(ok)} {name}: p99 at c{level} {mine:.1f} vs {theirs:.1f} ms")
     return lines
 
 
@@ -228,6 +250,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--servers", nargs="+", default=[OURS, *PEERS], choices=[OURS, *PEERS])
     parser.add_argument("--compressed", action="store_true", help="also slimserve's compressed variant (searched once)")
+    parser.add_argument(
+        "--fp32-runtime",
+        action="store_true",
+        help="also the same fp32 weights on the fastest runtime the search measures (ONNX Runtime, Inductor)",
+    )
     parser.add_argument("--duration", type=float, default=20.0, help="measured seconds per concurrency level")
     parser.add_argument("--warmup", type=float, default=3.0, help="unmeasured seconds before each level")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
@@ -239,10 +266,11 @@ def main() -> None:
     write_weights(WEIGHTS)
 
     variants = [ORIGINAL]
-    if args.compressed and compressed_available(batching):
-        variants.append(COMPRESSED_ALIAS)
-    elif args.compressed:
-        print("skipping slimserve's compressed variant: the search failed or chose none", file=sys.stderr)
+    for variant, wanted in ((COMPRESSED_ALIAS, args.compressed), (FP32_RUNTIME, args.fp32_runtime)):
+        if wanted and searched(variant, batching):
+            variants.append(variant)
+        elif wanted:
+            print(f"skipping slimserve's {variant} variant: the search failed or chose none", file=sys.stderr)
     limits = {v: measure_in_process(v, batching, args.iterations) for v in variants}
     runs = []
     for server in choose_servers(args.servers, variants):

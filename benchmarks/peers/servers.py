@@ -103,17 +103,19 @@ class Slimserve(KServeClient):
     name: str = "slimserve"
     compression: dict[str, object] | None = None
     """The deploy config's compression block, for the compressed variant (its artifact must be cached)."""
+    label: str = ""
+    """Tells apart compressed variants searched under different compression blocks (default: ``version``)."""
 
     @property
     def variant(self) -> str:
-        return self.version
+        return self.label or self.version
 
     def missing(self) -> str | None:
         return None if WEIGHTS.exists() else f"{WEIGHTS} is missing: run benchmarks/peers/weights.py {WEIGHTS}"
 
     def config(self, batching: Batching) -> Path:
         """The deploy config: ``deploy/examples/resnet18.yaml`` with the shared weights and ``batching``."""
-        path = BUILD_DIR / "slimserve" / "resnet18.yaml"
+        path = BUILD_DIR / "slimserve" / f"resnet18{'-' + self.label if self.label else ''}.yaml"
         path.parent.mkdir(parents=True, exist_ok=True)
         document = yaml.safe_load(EXAMPLE_CONFIG.read_text())
         (model,) = document["models"]
@@ -364,5 +366,5 @@ class TorchServe:
 PEERS: dict[str, Callable[[], Server]] = {"mlserver": MLServer, "torchserve": TorchServe}
 
 
-def slimserve(variant: str = ORIGINAL, compression: dict[str, object] | None = None) -> Slimserve:
-    return Slimserve(version=variant, name=f"slimserve ({variant})", compression=compression)
+def slimserve(variant: str = ORIGINAL, compression: dict[str, object] | None = None, label: str = "") -> Slimserve:
+    return Slimserve(version=variant, name=f"slimserve ({label or variant})", compression=compression, label=label)
