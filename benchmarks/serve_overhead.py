@@ -88,11 +88,11 @@ def in_process_figures(
 
 
 async def interleaved_batch_one(
-    server: ServerProcess, forward: Predictor, model: str, version: str, shape: tuple[int, ...], rounds: int
+    address: str, forward: Predictor, model: str, version: str, shape: tuple[int, ...], rounds: int
 ) -> tuple[float, float]:
     """p50 ms of the in-process forward and of a gRPC request at concurrency 1, batch 1, measured in
     alternating blocks so that both see the same machine (a shared host drifts by more than the overhead)."""
-    channel = open_channel(server.address)
+    channel = open_channel(address)
     call = infer_call(channel, model, INPUT_NAME, [1, *shape], version=version)
     batch = torch.randn(1, *shape)
     local: list[float] = []
@@ -153,7 +153,9 @@ def main() -> None:
     best_size = max(batched, key=batched.__getitem__)
     with slimserve_process(args.config) as server:
         forward_p50, c1_p50 = asyncio.run(
-            interleaved_batch_one(server, forward, args.model, args.variant, shape, max(1, args.iterations // BLOCK))
+            interleaved_batch_one(
+                server.address, forward, args.model, args.variant, shape, max(1, args.iterations // BLOCK)
+            )
         )
         results = asyncio.run(grpc_load(server, args.model, args.variant, shape, args.concurrency, args.duration))
 
