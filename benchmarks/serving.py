@@ -86,6 +86,18 @@ class Measured:
         return self.name == OURS
 
 
+FP32_ONNXRUNTIME: dict[str, object] = {
+    "name": "onnxruntime-fp32",
+    "steps": [BN_FOLD],
+    "realization": {"runtime": "onnxruntime"},
+}
+FP32_COMPILED: dict[str, object] = {"name": "compiled-fp32", "steps": [BN_FOLD], "realization": {"runtime": "inductor"}}
+INT8_ONNXRUNTIME: dict[str, object] = {
+    "name": "int8-onnxruntime",
+    "realization": {"runtime": "onnxruntime", "precision": "int8"},
+}
+
+
 def compression_block(
     candidates: list[dict[str, object]] | None = None, min_agreement: float = 0.9
 ) -> dict[str, object]:
@@ -99,18 +111,6 @@ def compression_block(
         "data": {"source": "tensor_file", "path": str(CALIBRATION), "calibration_size": 128, "validation_size": 64},
         "candidates": candidates or [FP32_ONNXRUNTIME, INT8_ONNXRUNTIME],
     }
-
-
-FP32_ONNXRUNTIME: dict[str, object] = {
-    "name": "onnxruntime-fp32",
-    "steps": [BN_FOLD],
-    "realization": {"runtime": "onnxruntime"},
-}
-FP32_COMPILED: dict[str, object] = {"name": "compiled-fp32", "steps": [BN_FOLD], "realization": {"runtime": "inductor"}}
-INT8_ONNXRUNTIME: dict[str, object] = {
-    "name": "int8-onnxruntime",
-    "realization": {"runtime": "onnxruntime", "precision": "int8"},
-}
 
 
 def our_server(variant: str) -> Slimserve:
