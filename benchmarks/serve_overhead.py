@@ -75,11 +75,10 @@ def in_process(
 
 
 def in_process_figures(
-    config_path: Path | None, model_name: str, variant: str, iterations: int
+    forward: Predictor, settings: ModelSettings, iterations: int
 ) -> tuple[float, dict[int, float], tuple[int, int, int]]:
-    """Batch-1 forward p50 (ms), rows/s at each batch size, and the input shape, loaded as the server does
-    (for benchmarks that time the server separately, not interleaved)."""
-    forward, settings = served_predictor(config_path, model_name, variant)
+    """Batch-1 forward p50 (ms), rows/s at each batch size, and the input shape of ``forward`` (for
+    benchmarks that time the server separately, not interleaved)."""
     throughput, shape = in_process(forward, settings, iterations)
     batch = torch.randn(1, *shape)
     with torch.inference_mode():

@@ -25,7 +25,7 @@ import asyncio
 import math
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 
 import torch
@@ -47,6 +47,7 @@ from benchmarks.peers.weights import write_weights
 from benchmarks.serve_overhead import BLOCK, in_process_figures, interleaved_batch_one, served_predictor
 from clients.loadgen import LoadResult, random_input, run_levels
 from compression.candidates import BN_FOLD
+from compression.predictor import Predictor
 from server.registry import COMPRESSED_ALIAS, ORIGINAL
 
 LOGS = BUILD_DIR / "logs"
@@ -66,6 +67,8 @@ class InProcess:
     best_batch: int
     best_throughput: float
     """Images/s at the best batch size."""
+    forward: Predictor = field(repr=False, compare=False)
+    """The predictor itself, loaded as the server loads it (timed against the server in alternating blocks)."""
 
 
 @dataclass(frozen=True)
@@ -131,24 +134,36 @@ def searched(variant: str, batching: Batching) -> bool:
 def measure_in_process(variant: str, batching: Batching, iterations: int) -> InProcess:
     server = our_server(variant)
     try:
-        p50_ms, throughput, _ = in_process_figures(server.config(batching), MODEL, server.version, iterations)
+        forward, settings = served_predictor(server.config(batching), MODEL, server.version)
     except SystemExit as exc:  # serve_overhead's "nothing in the cache"
         raise RuntimeError(str(exc)) from None
+    p50_ms, throughput, _ = in_process_figures(forward, settings, iterations)
     best = max(throughput, key=throughput.__getitem__)
-    return InProcess(p50_ms, best, throughput[best])
+    return InProcess(p50_ms, best, throughput[best], forward)
 
 
 def load(
-    server: Server, batching: Batching, levels: list[int], duration_s: float, warmup_s: float, iterations: int
+    server: Server,
+    batching: Batching,
+    levels: list[int],
+    duration_s: float,
+    warmup_s: float,
+    limit: InProcess,
+    iterations: int,
 ) -> Measured:
     """Start ``server``, check its logits, drive it at each concurrency level, stop it. For slimserve,
-    first time its batch-1 overhead over the same variant in process, in alternating blocks."""
+    first time its batch-1 overhead over ``limit`` (the same variant in process), in alternating blocks."""
     array = random_input((1, *INPUT_SHAPE))
     with server.serve(batching, LOGS / f"{server.name.split()[0]}-{server.variant}.log") as address:
         # a compressed variant answers with its own logits, close to but not those of the original
         if server.variant in SAME_WEIGHTS and not verify(server, address, array):
             raise SystemExit(f"{server.name} answers with wrong logits: not benchmarking it")
-        overhead = c1_overhead_ms(server, batching, address, iterations) if isinstance(server, Slimserve) else math.nan
+        overhead = math.nan
+        if isinstance(server, Slimserve):
+            rounds = max(1, iterations // BLOCK)
+            interleaved = interleaved_batch_one(address, limit.forward, MODEL, server.version, INPUT_SHAPE, rounds)
+            local, remote = asyncio.run(interleaved)
+            overhead = remote - local
         call = partial(server.call, array=array)
         results, outside = {}, {}
         for level in levels:
@@ -158,13 +173,6 @@ def load(
             if before is not None:
                 outside[level] = _outside_forward_ms(before, server.in_server_seconds(address))  # type: ignore[attr-defined]
     return Measured(server.name.split()[0], server.variant, results, outside, overhead)
-
-
-def c1_overhead_ms(server: Slimserve, batching: Batching, address: str, iterations: int) -> float:
-    forward, _ = served_predictor(server.config(batching), MODEL, server.version)
-    rounds = max(1, iterations // BLOCK)
-    local, remote = asyncio.run(interleaved_batch_one(address, forward, MODEL, server.version, INPUT_SHAPE, rounds))
-    return remote - local
 
 
 def _outside_forward_ms(before: tuple[int, float, float], after: tuple[int, float, float]) -> float:
@@ -288,7 +296,8 @@ def main() -> None:
     runs = []
     for server in choose_servers(args.servers, variants):
         print(f"measuring {server.name} ...", file=sys.stderr)
-        runs.append(load(server, batching, args.concurrency, args.duration, args.warmup, args.iterations))
+        limit = limits[server.variant]  # NOTE: a peer is held to the original's
+        runs.append(load(server, batching, args.concurrency, args.duration, args.warmup, limit, args.iterations))
 
     print(
         f"\nresnet18, batch-1 FP32 3x224x224 requests, {args.duration:g} s per level after {args.warmup:g} s "

@@ -129,7 +129,7 @@ def _ints(value: Any) -> tuple[int, ...] | None:
     return None
 
 
-def _owner(module: fx.GraphModule, tensors: dict[str, Any]) -> str | None:
+def _owner(tensors: dict[str, Any]) -> str | None:
     """The submodule that holds every given tensor as ``<owner>.<role>`` (None-valued roles are absent)."""
     owner = None
     for role, node in tensors.items():
@@ -142,6 +142,16 @@ def _owner(module: fx.GraphModule, tensors: dict[str, Any]) -> str | None:
             return None
         owner = prefix
     return owner
+
+
+def _weighted(module: fx.GraphModule, kwargs: dict[str, Any]) -> tuple[str, dict[str, Any], torch.Tensor] | None:
+    """For a call on a ``weight`` and an optional ``bias`` of one submodule: that submodule, the two
+    arguments by role, and the weight tensor (None for any other call)."""
+    tensors = {"weight": kwargs.get("weight"), "bias": kwargs.get("bias")}
+    owner = _owner(tensors)
+    if owner is None or tensors["weight"] is None:
+        return None
+    return owner, tensors, _tensor(module, str(tensors["weight"].target))
 
 
 def _tensor(module: fx.GraphModule, target: str) -> torch.Tensor:
@@ -199,16 +209,13 @@ def _install(
 
 
 def _lift_conv(module: fx.GraphModule, node: fx.Node, kwargs: dict[str, Any]) -> bool:
-    target = node.target
-    tensors = {"weight": kwargs.get("weight"), "bias": kwargs.get("bias")}
-    owner = _owner(module, tensors)
-    if owner is None or tensors["weight"] is None:
+    if (weighted := _weighted(module, kwargs)) is None:
         return False
-    weight = _tensor(module, str(tensors["weight"].target))
+    owner, tensors, weight = weighted
     dims = weight.dim() - 2
     if dims not in (1, 2, 3):
         return False
-    transposed = bool(kwargs.get("transposed", False)) or "conv_transpose" in str(target)
+    transposed = bool(kwargs.get("transposed", False)) or "conv_transpose" in str(node.target)
     stride, dilation = _ints(kwargs.get("stride", 1)), _ints(kwargs.get("dilation", 1))
     padding_arg = kwargs.get("padding", 0)
     padding: Any = padding_arg if isinstance(padding_arg, str) else _ints(padding_arg)
@@ -237,11 +244,9 @@ def _lift_conv(module: fx.GraphModule, node: fx.Node, kwargs: dict[str, Any]) ->
 
 
 def _lift_linear(module: fx.GraphModule, node: fx.Node, kwargs: dict[str, Any]) -> bool:
-    tensors = {"weight": kwargs.get("weight"), "bias": kwargs.get("bias")}
-    owner = _owner(module, tensors)
-    if owner is None or tensors["weight"] is None:
+    if (weighted := _weighted(module, kwargs)) is None:
         return False
-    weight = _tensor(module, str(tensors["weight"].target))
+    owner, tensors, weight = weighted
     if weight.dim() != 2:
         return False
     layer = nn.Linear(weight.shape[1], weight.shape[0], bias=tensors["bias"] is not None, device="meta")
@@ -253,7 +258,7 @@ def _lift_batch_norm(module: fx.GraphModule, node: fx.Node, kwargs: dict[str, An
     if kwargs.get("training", False):
         return False
     tensors = {role: kwargs.get(role) for role in ("weight", "bias", "running_mean", "running_var")}
-    owner = _owner(module, tensors)
+    owner = _owner(tensors)
     if owner is None or tensors["running_mean"] is None or tensors["running_var"] is None:
         return False
     if (tensors["weight"] is None) != (tensors["bias"] is None):

@@ -216,7 +216,7 @@ def _import_program(
     module = _imported(
         settings,
         exported,
-        lambda: import_program(program),
+        lambda example: import_program(program),
         input_shape,
         f"cannot import the layers of {path}; serving the program as exported, and compression techniques "
         "that work on layers will fail on it",
@@ -239,7 +239,7 @@ def _import_torchscript(
     return _imported(
         settings,
         script,
-        lambda: import_program(torchscript_to_program(script, _example_batch(settings, input_shape))),
+        lambda example: import_program(torchscript_to_program(script, example)),
         input_shape,
         f"cannot convert TorchScript {path} to a torch.export graph; serving it as TorchScript, and "
         "compression can only distill a student from it",
@@ -249,11 +249,11 @@ def _import_torchscript(
 def _imported(
     settings: ModelSettings,
     original: nn.Module,
-    convert: Callable[[], tuple[fx.GraphModule, int]],
+    convert: Callable[[torch.Tensor], tuple[fx.GraphModule, int]],
     input_shape: tuple[int, int, int],
     failed: str,
 ) -> nn.Module:
-    """``convert()``'s module if it computes what ``original`` does, else ``original`` (with a warning)."""
+    """``convert(example)``'s module if it computes what ``original`` does, else ``original`` (with a warning)."""
     example = _example_batch(settings, input_shape)
     try:
         with torch.no_grad():
@@ -261,7 +261,7 @@ def _imported(
     except Exception:  # noqa: BLE001 - the shape probe in load_model reports a model that fails on its input
         return original
     try:
-        module, lifted = convert()
+        module, lifted = convert(example)
         _check_same(expected, module, example)
     except Exception as exc:  # noqa: BLE001 - torch's converter and the importer raise many types
         log.warning("model %r: %s: %s", settings.name, failed, first_line(exc))
