@@ -16,9 +16,10 @@ $(INSTALLED): pyproject.toml
 serve: $(INSTALLED)
 	$(BIN)/slimserve serve $(ARGS)
 
-## Lint and type-check, then run the whole test suite.
+## Lint, check the import layers (pyproject.toml [tool.importlinter]) and types, then run the whole test suite.
 test: $(INSTALLED)
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 	$(BIN)/mypy server clients compression
 	$(BIN)/python -m pytest $(ARGS)
 
@@ -32,6 +33,7 @@ protos: $(INSTALLED)
 
 lint: $(INSTALLED)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check server compression clients tests benchmarks
+	$(BIN)/lint-imports
 	$(BIN)/mypy server clients compression
 
 clean:

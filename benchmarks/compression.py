@@ -31,8 +31,9 @@ import torch
 from benchmarks.common import table
 from benchmarks.compression_fidelity import FidelityResult, cached_fidelity, run_fidelity
 from benchmarks.compression_latency import MAX_BATCH, REFERENCE, Row, Variant, run_latency, variants
-from compression.selection import ORIGINAL, Measured, choose
-from compression.settings import BudgetSettings
+from compression.models.names import ORIGINAL
+from compression.search.selection import Measured, choose
+from compression.search.settings import BudgetSettings
 
 log = logging.getLogger("benchmarks.compression")
 

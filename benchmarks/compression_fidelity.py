@@ -2,7 +2,7 @@
 
 Top-1 agreement of random-weight nets on random inputs says nothing, so a torchvision resnet18
 (``num_classes=10``, unchanged otherwise) is trained on the digits "train" split (4,000 MNIST images,
-resized to 32x32, gray replicated to 3 channels) and cached. ``compression.search.run_search`` then
+resized to 32x32, gray replicated to 3 channels) and cached. ``compression.search.runner.run_search`` then
 runs with the default CPU candidates, a 1-point top-1 budget and objective "fastest", validating on
 "val"; every variant it built is finally scored on "test", which neither training nor the search saw.
 """
@@ -28,14 +28,14 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-import compression.search as search_module
-from compression.accuracy import fidelity, predict_top1
-from compression.data import EvalData
-from compression.predictor import Predictor
-from compression.report import REPORT_JSON, write_reports
-from compression.search import SearchReport, run_search, training_threads
-from compression.settings import BudgetSettings, CompressionSettings, TargetSettings
-from server.digits.data import load_splits, normalize
+import compression.search.runner as search_module
+from compression.models.digits.data import load_splits, normalize
+from compression.runtimes.predictor import Predictor
+from compression.search.accuracy import fidelity, predict_top1
+from compression.search.data import EvalData
+from compression.search.report import REPORT_JSON, write_reports
+from compression.search.runner import SearchReport, run_search, training_threads
+from compression.search.settings import BudgetSettings, CompressionSettings, TargetSettings
 
 TRAINING_VERSION = 1
 MAX_BATCH = 8

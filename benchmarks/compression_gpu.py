@@ -30,8 +30,8 @@ from benchmarks.common import table
 from benchmarks.compression import _ms, _progress, chosen_row, fidelity_table, selected, write_results
 from benchmarks.compression_fidelity import GPU_BATCH, FidelityResult, cached_fidelity, run_fidelity
 from benchmarks.compression_latency import REFERENCE, Row, Variant, candidate_variants, labelled, run_latency
-from compression.candidates import BN_FOLD
-from compression.cuda_support import CudaUnavailable, require_cuda
+from compression.runtimes.cuda_support import CudaUnavailable, require_cuda
+from compression.search.candidates import BN_FOLD
 
 MODELS = ("resnet50", "mobilenet_v3_large")
 BATCHES = (1, 8, GPU_BATCH)

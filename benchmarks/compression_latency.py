@@ -1,6 +1,6 @@
 """Latency part of ``benchmarks.compression``: every variant of a random-weight torchvision model at 224 px.
 
-Variants are built with the project's own code (``compression.techniques.apply`` + ``build_predictor``)
+Variants are built with the project's own code (``compression.techniques.registry.apply`` + ``build_predictor``)
 into ``<out>/cache/<arch>/<variant>`` and reloaded with ``load_predictor`` on later runs; they are then
 timed side by side with ``measure_latency`` (round-robin, so they share the machine's noise).
 Training steps (channel-pruning recovery, student distillation, sparse fine-tuning) are switched off:
@@ -21,15 +21,15 @@ import torch
 import torchvision
 from torch import nn
 
-from compression import analysis
-from compression.candidates import BN_FOLD, default_candidates
 from compression.context import CompressionContext
-from compression.latency import measure_latency
-from compression.predictor import Predictor
-from compression.realization import RealizationConfig, build_predictor, load_predictor
-from compression.runtime_eager import reference_predictor
-from compression.search import training_threads
-from compression.techniques import apply, config_from_dict
+from compression.runtimes.eager import reference_predictor
+from compression.runtimes.predictor import Predictor
+from compression.runtimes.realization import RealizationConfig, build_predictor, load_predictor
+from compression.search.candidates import BN_FOLD, default_candidates
+from compression.search.latency import measure_latency
+from compression.search.runner import training_threads
+from compression.techniques import analysis
+from compression.techniques.registry import apply, config_from_dict
 
 log = logging.getLogger("benchmarks.compression")
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from compression.cuda_support import CudaUnavailable, require_cuda
-from server.settings import DeployConfig, ModelSettings, default_config, load_config
+from compression.runtimes.cuda_support import CudaUnavailable, require_cuda
+from server.config.settings import DeployConfig, ModelSettings, default_config, load_config
 
 CONFIG_DIR = Path("build/benchmarks/configs")
 

@@ -28,14 +28,15 @@ import torch
 from benchmarks.common import ServerProcess, ServerSide, metric_totals, slimserve_process, table, time_calls
 from benchmarks.device_config import benchmark_config, device_name
 from clients.loadgen import Call, LoadResult, infer_call, open_channel, run_levels
-from compression.pipeline import cached_entry
-from compression.predictor import Predictor
-from compression.realization import load_predictor
-from server.allocator import keep_large_buffers_in_heap
-from server.loading import load_model
-from server.registry import COMPRESSED_ALIAS, INPUT_NAME, ORIGINAL
-from server.runners import original_predictor
-from server.settings import ModelSettings, default_config, load_config
+from compression.models.loading import load_model
+from compression.models.names import INPUT_NAME, ORIGINAL
+from compression.runtimes.predictor import Predictor
+from compression.runtimes.realization import load_predictor
+from compression.search.pipeline import cached_entry
+from server.config.settings import ModelSettings, default_config, load_config
+from server.process.allocator import keep_large_buffers_in_heap
+from server.variants.original import original_predictor
+from server.variants.registry import COMPRESSED_ALIAS
 
 WARMUP_S = 2.0
 BLOCK = 10

@@ -46,9 +46,10 @@ from benchmarks.peers.servers import (
 from benchmarks.peers.weights import write_weights
 from benchmarks.serve_overhead import BLOCK, in_process_figures, interleaved_batch_one, served_predictor
 from clients.loadgen import LoadResult, random_input, run_levels
-from compression.candidates import BN_FOLD
-from compression.predictor import Predictor
-from server.registry import COMPRESSED_ALIAS, ORIGINAL
+from compression.models.names import ORIGINAL
+from compression.runtimes.predictor import Predictor
+from compression.search.candidates import BN_FOLD
+from server.variants.registry import COMPRESSED_ALIAS
 
 LOGS = BUILD_DIR / "logs"
 CALIBRATION = BUILD_DIR / "calibration.pt"

@@ -24,10 +24,10 @@ import yaml
 
 from benchmarks.common import ServerProcess, metric_totals, slimserve_process, table
 from clients.loadgen import LoadResult, infer_call, open_channel, run_load
-from compression.pipeline import cached_entry
-from server.loading import load_model
-from server.registry import INPUT_NAME
-from server.settings import DeployConfig, default_config, load_config
+from compression.models.loading import load_model
+from compression.models.names import INPUT_NAME
+from compression.search.pipeline import cached_entry
+from server.config.settings import DeployConfig, default_config, load_config
 
 
 def config_with_shadow(base: DeployConfig, model: str, fraction: float, folder: Path) -> Path:

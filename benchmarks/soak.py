@@ -32,10 +32,10 @@ from PIL import Image
 from benchmarks.common import slimserve_process
 from clients.codec import build_classify_request, build_infer_request
 from clients.loadgen import open_channel
+from compression.models.digits.data import encode_png, load_splits, normalize
 from protos import classifier_pb2_grpc
 from protos import grpc_service_pb2_grpc as pb_grpc
-from server.digits.data import encode_png, load_splits, normalize
-from server.settings import default_config
+from server.config.settings import default_config
 
 OK, INVALID, NOT_FOUND = grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND
 CALL_TIMEOUT_S = 30.0

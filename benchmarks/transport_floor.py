@@ -40,9 +40,9 @@ from torch import nn
 
 from benchmarks.common import REPO_ROOT, free_port, slimserve_process, table, time_calls
 from clients.loadgen import infer_call, open_channel
+from compression.models.names import INPUT_NAME
 from protos import grpc_service_pb2 as pb
 from protos import grpc_service_pb2_grpc as pb_grpc
-from server.registry import INPUT_NAME
 
 SHAPE = (1, 3, 224, 224)
 REQUEST_BYTES = int(np.prod(SHAPE)) * 4

@@ -3,7 +3,7 @@
 Tensors travel as raw bytes (`raw_input_contents` / `raw_output_contents`), as
 the stock Triton client sends and reads them. The byte-level conventions
 (little-endian dtypes, length-prefixed BYTES) are shared with the server
-through `server.tensors`.
+through `protos.tensors`.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import numpy as np
 
 from protos import classifier_pb2
 from protos import grpc_service_pb2 as pb
-from server.errors import ServingError
-from server.tensors import DATATYPES, array_from_raw, decode_bytes_tensor, encode_bytes_tensor
+from protos.errors import ServingError
+from protos.tensors import DATATYPES, array_from_raw, decode_bytes_tensor, encode_bytes_tensor
 
 # numpy dtype (native byte order) -> datatype string.
 _DATATYPE_OF = {dtype.newbyteorder("="): name for name, dtype in DATATYPES.items()}

@@ -1,6 +1,7 @@
-from compression import bn_folding as bn_folding  # noqa: F401 - registers "bn_fold"
-from compression import clipping as clipping  # noqa: F401 - registers "weight_clip"
-from compression import clustering as clustering  # noqa: F401 - registers "weight_cluster"
-from compression import structured_pruning as structured_pruning  # noqa: F401 - registers "channel_prune"
-from compression import student as student  # noqa: F401 - registers "student"
-from compression import unstructured_pruning as unstructured_pruning  # noqa: F401 - registers "magnitude_prune"
+"""The compression library, in layers that import downwards only (checked by ``lint-imports``):
+
+``models`` (what a served model is: sources, loading, image preprocessing, the bundled digits model)
+-> ``runtimes`` (the :class:`~compression.runtimes.predictor.Predictor` interface and its runtimes)
+-> ``techniques`` (transforms: pruning, clustering, clipping, BN folding, students, distillation)
+-> ``search`` (candidates, measurement, selection, cache, reports). Nothing here imports ``server``.
+"""

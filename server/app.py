@@ -22,6 +22,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
+from compression.models.images import ImagePreprocessor
+from compression.models.loading import load_model
+from compression.models.names import ORIGINAL
 from protos import (
     DESCRIPTOR_POOL,
     admin_pb2,
@@ -31,23 +34,21 @@ from protos import (
     grpc_service_pb2,
     grpc_service_pb2_grpc,
 )
-from server.admin_servicer import AdminServicer
-from server.batching import Forward
-from server.classify_servicer import ClassifierServicer
+from server.batching.batcher import Forward
+from server.config.settings import DeployConfig, ModelSettings
 from server.dataplane import DataPlane
-from server.gpu_metrics import register_gpu_metrics
-from server.guardrail import Guardrail
-from server.images import ImagePreprocessor
-from server.kserve_servicer import KServeServicer
-from server.loading import load_model
-from server.metrics import MetricsEndpoint, ServerMetrics
-from server.registry import ORIGINAL, ModelRegistry, ServedModel
-from server.runners import original_predictor
-from server.security import add_port, server_interceptors
-from server.settings import DeployConfig, ModelSettings
-from server.shadow import ShadowComparer
-from server.torch_threads import run_in_passing_thread
-from server.variants import CompressedVariants
+from server.observability.gpu_metrics import register_gpu_metrics
+from server.observability.metrics import MetricsEndpoint, ServerMetrics
+from server.process.torch_threads import run_in_passing_thread
+from server.transport.admin import AdminServicer
+from server.transport.classify import ClassifierServicer
+from server.transport.kserve import KServeServicer
+from server.transport.security import add_port, server_interceptors
+from server.variants.compressed import CompressedVariants
+from server.variants.guardrail import Guardrail
+from server.variants.original import original_predictor
+from server.variants.registry import ModelRegistry, ServedModel
+from server.variants.shadow import ShadowComparer
 
 log = logging.getLogger("slimserve.app")
 

@@ -10,11 +10,11 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from compression.models.loading import ModelLoadError
 from server import __version__
-from server.allocator import keep_large_buffers_in_heap
 from server.app import StartupError, serve
-from server.loading import ModelLoadError
-from server.settings import ConfigError, DeployConfig, default_config, format_validation_error, load_config
+from server.config.settings import ConfigError, DeployConfig, default_config, format_validation_error, load_config
+from server.process.allocator import keep_large_buffers_in_heap
 
 log = logging.getLogger("slimserve")
 LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR"]

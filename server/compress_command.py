@@ -6,12 +6,12 @@ import logging
 import shutil
 from pathlib import Path
 
-from compression.data import DataError
-from compression.pipeline import compress
-from compression.report import HEADERS, PARETO_PNG, REPORT_JSON, REPORT_MD, summary_rows
-from compression.selection import BudgetUnmet
-from server.loading import load_model
-from server.settings import DeployConfig
+from compression.models.loading import load_model
+from compression.search.data import DataError
+from compression.search.pipeline import compress
+from compression.search.report import HEADERS, PARETO_PNG, REPORT_JSON, REPORT_MD, summary_rows
+from compression.search.selection import BudgetUnmet
+from server.config.settings import DeployConfig
 
 log = logging.getLogger("slimserve.compress")
 

@@ -15,12 +15,12 @@ from dataclasses import dataclass, field
 import grpc
 import numpy as np
 
-from server.batching import BatchResult
-from server.errors import InvalidArgument, ServingError
-from server.metrics import ServerMetrics
-from server.registry import ModelRegistry, ServedModel, Variant
-from server.shadow import ShadowComparer
-from server.tensors import softmax, top_k_indices
+from protos.errors import InvalidArgument, ServingError
+from protos.tensors import softmax, top_k_indices
+from server.batching.batcher import BatchResult
+from server.observability.metrics import ServerMetrics
+from server.variants.registry import ModelRegistry, ServedModel, Variant
+from server.variants.shadow import ShadowComparer
 
 log = logging.getLogger("slimserve.dataplane")
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from compression.settings import CompressionSettings
-from server.digits.model import ensure_trained
-from server.settings import DeployConfig, default_config
+from compression.models.digits.model import ensure_trained
+from compression.search.settings import CompressionSettings
+from server.config.settings import DeployConfig, default_config
 
 CHOSEN = "int8-onnxruntime"
 

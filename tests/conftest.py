@@ -4,7 +4,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from server.settings import DeployConfig, default_config
+from server.config.settings import DeployConfig, default_config
 from tests.serving import ServerThread, running_server
 
 

@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from prometheus_client.parser import text_string_to_metric_families
 
 from server.app import SlimServer
-from server.settings import DeployConfig, ServerSettings
+from server.config.settings import DeployConfig, ServerSettings
 
 
 def loopback(config: DeployConfig) -> DeployConfig:

@@ -29,9 +29,9 @@ from benchmarks.common import REPO_ROOT, free_port, slimserve_process
 from clients.client import CHANNEL_OPTIONS
 from clients.codec import build_infer_request, output_array
 from clients.loadgen import Call
+from compression.models.names import INPUT_NAME, ORIGINAL
 from protos import grpc_service_pb2 as pb
 from protos import grpc_service_pb2_grpc as pb_grpc
-from server.registry import INPUT_NAME, ORIGINAL
 
 BUILD_DIR = REPO_ROOT / "build" / "peers"
 PEERS_DIR = REPO_ROOT / "benchmarks" / "peers"

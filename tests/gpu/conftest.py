@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from server.settings import DeployConfig, ModelSettings, default_config
+from server.config.settings import DeployConfig, ModelSettings, default_config
 from tests.compressed_digits import seed_trained_digits
 
 HERE = Path(__file__).resolve().parent

@@ -10,13 +10,13 @@ import pytest
 import torch
 import tritonclient.grpc as triton
 
-from compression.accuracy import predict_top1
-from compression.candidates import default_candidates
-from compression.pipeline import CompressedEntry, compress
-from compression.realization import load_predictor
-from server.digits.data import load_splits, normalize
-from server.loading import load_model
-from server.settings import DeployConfig
+from compression.models.digits.data import load_splits, normalize
+from compression.models.loading import load_model
+from compression.runtimes.realization import load_predictor
+from compression.search.accuracy import predict_top1
+from compression.search.candidates import default_candidates
+from compression.search.pipeline import CompressedEntry, compress
+from server.config.settings import DeployConfig
 from tests.gpu.conftest import digits_on
 from tests.serving import running_server
 

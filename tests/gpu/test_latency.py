@@ -7,7 +7,7 @@ import time
 import numpy as np
 import torch
 
-from compression.latency import measure_latency
+from compression.search.latency import measure_latency
 
 
 class BusyPredictor:

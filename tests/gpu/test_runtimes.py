@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from compression.cuda_support import prefers_channels_last
-from compression.predictor import Predictor
-from compression.realization import load_predictor
-from compression.runtime_eager import reference_predictor
+from compression.runtimes.cuda_support import prefers_channels_last
+from compression.runtimes.eager import reference_predictor
+from compression.runtimes.predictor import Predictor
+from compression.runtimes.realization import load_predictor
 from tests.unit.test_realization import CLASSES, MAX_BATCH, SIZE, build, make_model
 
 

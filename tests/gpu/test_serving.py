@@ -11,8 +11,8 @@ import pytest
 import torch
 import tritonclient.grpc as triton
 
-from server.digits.data import load_splits, normalize
-from server.loading import load_model
+from compression.models.digits.data import load_splits, normalize
+from compression.models.loading import load_model
 from tests.gpu.conftest import digits_on
 from tests.serving import ServerThread, running_server, sample_value, scrape
 

@@ -25,12 +25,13 @@ from PIL import Image
 from clients.client import CHANNEL_OPTIONS
 from clients.codec import build_infer_request
 from clients.loadgen import open_channel
+from compression.models.digits.data import encode_png, load_splits, normalize
+from compression.models.settings import PythonSource
 from protos import classifier_pb2, classifier_pb2_grpc
 from protos import grpc_service_pb2 as pb
 from protos import grpc_service_pb2_grpc as pb_grpc
-from server.digits.data import encode_png, load_splits, normalize
-from server.kserve_servicer import STATUS_CODE_PARAMETER
-from server.settings import DeployConfig, ModelSettings, PythonSource, ServerSettings
+from server.config.settings import DeployConfig, ModelSettings, ServerSettings
+from server.transport.kserve import STATUS_CODE_PARAMETER
 from tests.conftest import digits_without_compression
 from tests.serving import ServerThread, running_server, sample_value, scrape
 

@@ -6,7 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import tritonclient.grpc as triton
 
-from server.digits.data import load_splits, normalize
+from compression.models.digits.data import load_splits, normalize
 from tests.serving import ServerThread, sample_value, scrape
 
 

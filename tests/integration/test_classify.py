@@ -8,8 +8,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
+from compression.models.digits.data import encode_png, load_splits
 from protos import classifier_pb2, classifier_pb2_grpc
-from server.digits.data import encode_png, load_splits
 from tests.serving import ServerThread
 
 

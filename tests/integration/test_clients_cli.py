@@ -14,7 +14,7 @@ import pytest
 from benchmarks.common import slimserve_process
 from clients.cli import main as client_main
 from clients.client import SlimserveClient
-from server.digits.data import encode_png, load_splits, normalize
+from compression.models.digits.data import encode_png, load_splits, normalize
 from tests.serving import ServerThread
 
 

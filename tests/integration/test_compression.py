@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from compression.pipeline import CompressedEntry, cached_entry, compress, compression_key
-from compression.search import ORIGINAL
-from compression.selection import choose
-from compression.settings import BudgetSettings, CompressionSettings
-from server.loading import LoadedModel, load_model
-from server.settings import ModelSettings, default_config
+from compression.models.loading import LoadedModel, load_model
+from compression.models.names import ORIGINAL
+from compression.search.pipeline import CompressedEntry, cached_entry, compress, compression_key
+from compression.search.selection import choose
+from compression.search.settings import BudgetSettings, CompressionSettings
+from server.config.settings import ModelSettings, default_config
 
 pytestmark = pytest.mark.slow
 
@@ -106,7 +106,7 @@ def test_a_variant_outside_the_accuracy_budget_is_never_chosen(searched: Compres
 
 def test_latency_budget_only_some_meet_picks_the_fastest_within_accuracy(searched: CompressedEntry) -> None:
     """Re-selects on the figures measured above, with a latency budget between the variants."""
-    from compression.search import _measured
+    from compression.search.runner import _measured
 
     variants = [searched.report.original, *searched.report.candidates]
     measured = [_measured(v) for v in variants]

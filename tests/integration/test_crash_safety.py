@@ -25,11 +25,11 @@ import pytest
 import yaml
 
 from benchmarks.common import REPO_ROOT, slimserve_process, wait_ready
-from compression.pipeline import cached_entry, compression_key
+from compression.models.loading import LoadedModel, load_model
+from compression.search.pipeline import cached_entry, compression_key
 from protos import grpc_service_pb2 as pb
 from protos import grpc_service_pb2_grpc as pb_grpc
-from server.loading import LoadedModel, load_model
-from server.settings import DeployConfig
+from server.config.settings import DeployConfig
 from tests.integration.test_hot_swap import CHOSEN, digits_config, seed_trained_digits
 from tests.serving import running_server
 

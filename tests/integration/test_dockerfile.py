@@ -29,8 +29,8 @@ import tritonclient.grpc as triton
 import yaml
 
 from benchmarks.common import free_port, wait_ready
-from server.digits.data import load_splits, normalize
-from server.settings import ServerSettings, load_config
+from compression.models.digits.data import load_splits, normalize
+from server.config.settings import ServerSettings, load_config
 from tests.compressed_digits import seed_trained_digits
 from tests.conftest import digits_without_compression
 from tests.dockerfile import (

@@ -8,8 +8,8 @@ import pytest
 import tritonclient.grpc as triton
 from tritonclient.utils import InferenceServerException
 
+from compression.models.digits.data import encode_png, load_splits, normalize
 from protos import classifier_pb2, classifier_pb2_grpc, grpc_service_pb2, grpc_service_pb2_grpc
-from server.digits.data import encode_png, load_splits, normalize
 from tests.serving import ServerThread
 
 

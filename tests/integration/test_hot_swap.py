@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import tritonclient.grpc as triton
 
-from server.digits.data import load_splits, normalize
+from compression.models.digits.data import load_splits, normalize
 from tests.compressed_digits import CHOSEN, digits_config, seed_trained_digits
 from tests.serving import running_server, sample_value, scrape
 

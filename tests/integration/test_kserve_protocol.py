@@ -7,7 +7,7 @@ import pytest
 import tritonclient.grpc as triton
 from tritonclient.utils import InferenceServerException
 
-from server.digits.data import load_splits, normalize
+from compression.models.digits.data import load_splits, normalize
 from tests.serving import ServerThread
 
 MODEL = "digits"

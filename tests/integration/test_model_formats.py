@@ -18,12 +18,12 @@ import torch.fx as fx
 import tritonclient.grpc as triton
 from torch import nn
 
-from compression.analysis import count_macs
-from compression.pipeline import compress
-from compression.search import OPAQUE_TORCHSCRIPT
+from compression.models.loading import ModelLoadError, load_model
+from compression.search.pipeline import compress
+from compression.search.runner import OPAQUE_TORCHSCRIPT
+from compression.techniques.analysis import count_macs
 from server import cli
-from server.loading import ModelLoadError, load_model
-from server.settings import DeployConfig, ModelSettings
+from server.config.settings import DeployConfig, ModelSettings
 from tests.models import OddNet, calibrated
 from tests.serving import running_server
 
@@ -125,7 +125,7 @@ def test_an_export_the_importer_cannot_handle_is_served_as_exported(
     def unsupported(program: object) -> None:
         raise NotImplementedError("an op the importer does not know")
 
-    monkeypatch.setattr("server.loading.import_program", unsupported)
+    monkeypatch.setattr("compression.models.loading.import_program", unsupported)
     with caplog.at_level(logging.WARNING, "slimserve.loading"):
         loaded = load_model(ModelSettings.model_validate(files.settings(SOURCES["export"])), files.root)
     assert f"cannot import the layers of {files.root / 'oddnet.pt2'}" in caplog.text
@@ -269,7 +269,7 @@ def test_torchscript_that_cannot_be_converted_serves_and_says_why_techniques_fai
     def unconvertible(module: object, example: object) -> None:
         raise RuntimeError("Unsupported node kind prim::Example")
 
-    monkeypatch.setattr("server.loading.torchscript_to_program", unconvertible)
+    monkeypatch.setattr("compression.models.loading.torchscript_to_program", unconvertible)
     candidates: list[dict[str, Any]] = [
         *COMPRESSION_CANDIDATES[:2],
         {

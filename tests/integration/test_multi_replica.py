@@ -14,7 +14,7 @@ import tritonclient.grpc as triton
 import yaml
 
 from benchmarks.common import REPO_ROOT, slimserve_process
-from server.digits.data import load_splits, normalize
+from compression.models.digits.data import load_splits, normalize
 from tests.compressed_digits import CHOSEN, digits_config, seed_trained_digits
 
 pytestmark = pytest.mark.slow

@@ -23,8 +23,8 @@ import yaml
 from matplotlib.image import imread
 
 from benchmarks.common import free_port
-from server.digits.data import load_splits, normalize
-from server.settings import ShadowSettings
+from compression.models.digits.data import load_splits, normalize
+from server.config.settings import ShadowSettings
 from tests.compressed_digits import CHOSEN, digits_config, seed_trained_digits
 from tests.serving import ServerThread, eventually, running_server
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from clients.client import SlimserveClient
-from server.loading import ModelLoadError, load_model
-from server.settings import ConfigError, load_config
+from compression.models.loading import ModelLoadError, load_model
+from server.config.settings import ConfigError, load_config
 from tests.models import OddNet
 from tests.serving import running_server
 

@@ -19,10 +19,10 @@ from clients import cli
 from clients.client import SlimserveClient, auth_metadata
 from clients.codec import build_infer_request
 from clients.tls import Tls
+from compression.models.digits.data import encode_png, load_splits
 from protos import grpc_service_pb2 as pb
 from protos import grpc_service_pb2_grpc as pb_grpc
-from server.digits.data import encode_png, load_splits
-from server.settings import AuthSettings, DeployConfig, ServerSettings, TlsSettings
+from server.config.settings import AuthSettings, DeployConfig, ServerSettings, TlsSettings
 from tests.certs import Authority, Pem
 from tests.conftest import digits_without_compression
 from tests.serving import ServerThread, running_server

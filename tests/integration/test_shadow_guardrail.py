@@ -19,12 +19,12 @@ import torch
 import tritonclient.grpc as triton
 
 from clients import cli
-from compression.runtime_eager import EagerPredictor
+from compression.models.digits.data import load_splits, normalize
+from compression.models.digits.model import load_trained
+from compression.models.names import ORIGINAL
+from compression.runtimes.eager import EagerPredictor
 from protos import admin_pb2, admin_pb2_grpc
-from server.digits.data import load_splits, normalize
-from server.digits.model import load_trained
-from server.registry import ORIGINAL
-from server.settings import DeployConfig, GuardrailSettings, ShadowSettings
+from server.config.settings import DeployConfig, GuardrailSettings, ShadowSettings
 from tests.conftest import digits_without_compression
 from tests.serving import ServerThread, eventually, running_server, sample_value, scrape
 

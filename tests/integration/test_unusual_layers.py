@@ -7,9 +7,9 @@ import pytest
 import torch
 import tritonclient.grpc as triton
 
-from compression.pipeline import compress
-from server.loading import load_model
-from server.settings import DeployConfig
+from compression.models.loading import load_model
+from compression.search.pipeline import compress
+from server.config.settings import DeployConfig
 from tests.models import OddNet, calibrated
 from tests.serving import running_server
 

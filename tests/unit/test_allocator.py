@@ -1,4 +1,4 @@
-"""server.allocator: request-sized buffers come from the heap, and the operator's glibc settings win.
+"""server.process.allocator: request-sized buffers come from the heap, and the operator's glibc settings win.
 
 Each case runs in a fresh interpreter: glibc adapts its mmap threshold to what a process has freed
 before, so only a new process shows what the thresholds alone do.
@@ -14,13 +14,13 @@ import sys
 
 import pytest
 
-from server.allocator import MMAP_THRESHOLD_BYTES
+from server.process.allocator import MMAP_THRESHOLD_BYTES
 
 pytestmark = pytest.mark.skipif(not hasattr(ctypes.CDLL(None), "mallinfo2"), reason="needs glibc >= 2.33 (mallinfo2)")
 
 PROBE = """
 import ctypes, json, sys
-from server.allocator import keep_large_buffers_in_heap
+from server.process.allocator import keep_large_buffers_in_heap
 
 class MallInfo2(ctypes.Structure):
     _fields_ = [(name, ctypes.c_size_t) for name in (

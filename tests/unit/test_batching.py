@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from server.batching import BatchRecord, DynamicBatcher
-from server.errors import InvalidArgument, ResourceExhausted
+from protos.errors import InvalidArgument, ResourceExhausted
+from server.batching.batcher import BatchRecord, DynamicBatcher
 
 
 class SlowDouble(torch.nn.Module):

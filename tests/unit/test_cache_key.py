@@ -5,11 +5,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from compression.cache import accelerator_class, cache_key
-from compression.pipeline import compression_key
-from compression.settings import CompressionSettings
-from server.loading import LoadedModel
-from server.settings import ModelSettings, default_config
+from compression.models.loading import LoadedModel
+from compression.search.cache import accelerator_class, cache_key
+from compression.search.pipeline import compression_key
+from compression.search.settings import CompressionSettings
+from server.config.settings import ModelSettings, default_config
 
 
 def digits_on(device: str) -> ModelSettings:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from compression.cache import PUBLISHED_MODE, ArtifactCache
+from compression.search.cache import PUBLISHED_MODE, ArtifactCache
 
 
 def test_a_published_entry_is_readable_by_other_users_and_staging_is_gone(tmp_path: Path) -> None:

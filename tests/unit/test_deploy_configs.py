@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from server.settings import load_config
+from server.config.settings import load_config
 
 CONFIGS = sorted((Path(__file__).resolve().parents[2] / "deploy" / "examples").rglob("*.yaml"))
 

@@ -1,4 +1,4 @@
-"""Tests for the bundled digits data set and model (server/digits)."""
+"""Tests for the bundled digits data set and model (compression/models/digits)."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import torch
 from PIL import Image
 from torch import nn
 
-from server.digits import model as digits_model
-from server.digits.data import IMAGE_SIZE, LABELS, MEAN, STD, encode_png, load_splits, normalize
-from server.digits.model import DigitsNet, TrainConfig, ensure_trained, evaluate, load_trained, weights_path
+from compression.models.digits import model as digits_model
+from compression.models.digits.data import IMAGE_SIZE, LABELS, MEAN, STD, encode_png, load_splits, normalize
+from compression.models.digits.model import DigitsNet, TrainConfig, ensure_trained, evaluate, load_trained, weights_path
 
 # NOTE: a recipe that trains in a few seconds; used only where the training/caching code itself is tested.
 TINY = TrainConfig(width=4, epochs=1, batch_size=1000)

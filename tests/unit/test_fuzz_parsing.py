@@ -15,13 +15,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from compression.models.images import ImagePreprocessor
+from compression.models.names import OUTPUT_NAME
+from compression.models.settings import PreprocessingSettings
 from protos import grpc_service_pb2 as pb
-from server.errors import ServingError
-from server.images import ImagePreprocessor
-from server.kserve_codec import parse_inputs, parse_outputs
-from server.registry import OUTPUT_NAME, ServedModel
-from server.settings import PreprocessingSettings, default_config
-from server.tensors import DATATYPES
+from protos.errors import ServingError
+from protos.tensors import DATATYPES
+from server.config.settings import default_config
+from server.transport.kserve_codec import parse_inputs, parse_outputs
+from server.variants.registry import ServedModel
 
 FUZZ = settings(max_examples=150, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 ROW = 28 * 28 * 4
@@ -112,7 +114,7 @@ def test_corrupted_wire_bytes_parse_or_fail_cleanly(
             data[position % len(data)] ^= mask
     try:
         corrupted = pb.ModelInferRequest.FromString(bytes(data))
-    except DecodeError:  # the server answers these INVALID_ARGUMENT before parsing (server/interceptors.py)
+    except DecodeError:  # the server answers these INVALID_ARGUMENT before parsing (server/transport/interceptors.py)
         return
     check_parse(corrupted)
 

@@ -8,14 +8,15 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from compression.candidates import Candidate, default_candidates
 from compression.context import CompressionContext
-from compression.cuda_graphs import GraphedForward, batch_buckets, bucket_for
-from compression.cuda_support import CudaUnavailable, exact_fp32, prefers_channels_last, require_cuda
-from compression.realization import RealizationConfig, build_predictor
-from server.loading import LoadedModel
-from server.runners import original_predictor
-from server.settings import GPU_BATCHING_DEFAULTS, BatchingSettings, ModelSettings, load_config
+from compression.models.loading import LoadedModel
+from compression.models.settings import GPU_BATCHING_DEFAULTS, BatchingSettings
+from compression.runtimes.cuda_graphs import GraphedForward, batch_buckets, bucket_for
+from compression.runtimes.cuda_support import CudaUnavailable, exact_fp32, prefers_channels_last, require_cuda
+from compression.runtimes.realization import RealizationConfig, build_predictor
+from compression.search.candidates import Candidate, default_candidates
+from server.config.settings import ModelSettings, load_config
+from server.variants.original import original_predictor
 
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without a CUDA device")
 BASE = {"name": "m", "source": {"format": "builtin"}}

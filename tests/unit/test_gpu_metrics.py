@@ -11,8 +11,8 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from server.app import SlimServer
-from server.gpu_metrics import GpuCollector, cuda_indices, register_gpu_metrics
-from server.settings import DeployConfig, ModelSettings
+from server.config.settings import DeployConfig, ModelSettings
+from server.observability.gpu_metrics import GpuCollector, cuda_indices, register_gpu_metrics
 
 GIB = 1 << 30
 

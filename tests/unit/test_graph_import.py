@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from server.graph_import import import_program, training_batch_norms
+from compression.models.graph_import import import_program, training_batch_norms
 
 
 class Varied(nn.Module):

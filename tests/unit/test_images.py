@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from server.errors import InvalidArgument
-from server.images import ImagePreprocessor
-from server.settings import PreprocessingSettings
+from compression.models.images import ImagePreprocessor
+from compression.models.settings import PreprocessingSettings
+from protos.errors import InvalidArgument
 
 
 def encode(array: np.ndarray, fmt: str) -> bytes:

@@ -24,9 +24,9 @@ from yamllint.config import YamlLintConfig
 
 from server.app import serve
 from server.cli import build_parser
+from server.config.settings import DeployConfig, ServerSettings, load_config
 from server.healthcheck import DEFAULT_PORT
-from server.metrics import ServerMetrics
-from server.settings import DeployConfig, ServerSettings, load_config
+from server.observability.metrics import ServerMetrics
 from tests.dockerfile import Dockerfile, dockerignore_patterns, excluded_from_context
 from tests.manifests import (
     DEPLOY,

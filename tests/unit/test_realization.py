@@ -16,12 +16,18 @@ from hypothesis import strategies as st
 from torch import nn
 
 from compression.context import CompressionContext
-from compression.latency import LatencyStats, measure_latency
-from compression.predictor import Predictor
-from compression.realization import SUPPORTED, ArtifactError, RealizationConfig, build_predictor, load_predictor
-from compression.runtime_common import sqnr_db
-from compression.runtime_eager import EagerPredictor
-from compression.runtime_manifest import _ISA_FLAGS, check_compatible, current_cpu_isa, read_manifest
+from compression.runtimes.common import sqnr_db
+from compression.runtimes.eager import EagerPredictor
+from compression.runtimes.manifest import _ISA_FLAGS, check_compatible, current_cpu_isa, read_manifest
+from compression.runtimes.predictor import Predictor
+from compression.runtimes.realization import (
+    SUPPORTED,
+    ArtifactError,
+    RealizationConfig,
+    build_predictor,
+    load_predictor,
+)
+from compression.search.latency import LatencyStats, measure_latency
 
 SIZE, CLASSES, MAX_BATCH = 32, 10, 8
 # NOTE: minimum fidelity per precision, as SQNR of the logits against the fp32 model (dB).
@@ -351,7 +357,7 @@ def test_inductor_int8_fallback_uses_module_names(tmp_path: Path) -> None:
 def test_inductor_cache_dir_is_scoped(tmp_path: Path) -> None:
     from torch._inductor.runtime.cache_dir_utils import cache_dir
 
-    from compression.runtime_inductor import inductor_cache_dir
+    from compression.runtimes.common import inductor_cache_dir
 
     before = cache_dir()
     with inductor_cache_dir(tmp_path / "inductor"):
@@ -363,7 +369,7 @@ def test_inductor_cache_dir_is_absolute(tmp_path: Path, monkeypatch: pytest.Monk
     """A relative cache dir is made absolute: AOTInductor's CUDA wrapper compile runs g++ elsewhere."""
     from torch._inductor.runtime.cache_dir_utils import cache_dir
 
-    from compression.runtime_inductor import inductor_cache_dir
+    from compression.runtimes.common import inductor_cache_dir
 
     monkeypatch.chdir(tmp_path)
     with inductor_cache_dir(Path("cache") / "inductor"):
@@ -455,7 +461,7 @@ def test_cuda_inductor_fp16(tmp_path: Path) -> None:
 def test_pt2e_layer_names_survive_fx_models() -> None:
     """Strict export of an fx GraphModule (what fx BN folding returns) records getattr(...) paths;
     float layers must still be found by their module names, and unknown names must be refused."""
-    from compression.runtime_inductor import PT2EInt8Builder
+    from compression.runtimes.inductor import PT2EInt8Builder
 
     model = torch.fx.symbolic_trace(make_model(1))
     calibration = [torch.randn(4, 1, SIZE, SIZE) for _ in range(2)]

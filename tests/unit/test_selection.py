@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from compression.selection import BudgetUnmet, Measured, choose
-from compression.settings import BudgetSettings
+from compression.search.selection import BudgetUnmet, Measured, choose
+from compression.search.settings import BudgetSettings
 
 ORIGINAL = Measured("original", latency_p95_ms=10.0, top1=0.99, top1_drop=0.0, agreement=1.0)
 INT8 = Measured("int8", latency_p95_ms=4.0, top1=0.985, top1_drop=0.5, agreement=0.99)

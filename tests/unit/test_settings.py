@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from server.settings import ConfigError, TorchvisionSource, default_config, load_config
+from compression.models.settings import TorchvisionSource
+from server.config.settings import ConfigError, default_config, load_config
 
 
 def write(tmp_path: Path, text: str) -> Path:

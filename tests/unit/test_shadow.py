@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from compression.pipeline import compression_key
-from server.loading import load_model
-from server.settings import GuardrailSettings, ShadowSettings, default_cache_dir, default_config
-from server.shadow import agreement_and_divergence
+from compression.models.loading import load_model
+from compression.search.pipeline import compression_key
+from server.config.settings import GuardrailSettings, ShadowSettings, default_cache_dir, default_config
+from server.variants.shadow import agreement_and_divergence
 
 
 def test_identical_outputs_agree_with_zero_divergence() -> None:

@@ -10,19 +10,19 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-import compression  # noqa: F401 - registers every technique
-from compression.analysis import compressed_bytes, count_macs, count_params, sparsity, state_dict_bytes
-from compression.bn_folding import BnFoldConfig
-from compression.clipping import WeightClipConfig
-from compression.clustering import WeightClusterConfig, kmeans_1d
+import compression.techniques  # noqa: F401 - registers every technique
 from compression.context import CompressionContext
-from compression.distillation import DistillSettings, agreement, distill, logits_of
 from compression.errors import TechniqueError
-from compression.structured_pruning import ChannelPruneConfig, find_classifier
-from compression.student import StudentConfig
-from compression.student_models import DepthwiseSeparableNet, build_student
-from compression.techniques import apply, config_from_dict, config_to_dict
-from compression.unstructured_pruning import MagnitudePruneConfig
+from compression.techniques.analysis import compressed_bytes, count_macs, count_params, sparsity, state_dict_bytes
+from compression.techniques.bn_folding import BnFoldConfig
+from compression.techniques.clipping import WeightClipConfig
+from compression.techniques.clustering import WeightClusterConfig, kmeans_1d
+from compression.techniques.distillation import DistillSettings, agreement, distill, logits_of
+from compression.techniques.registry import apply, config_from_dict, config_to_dict
+from compression.techniques.structured_pruning import ChannelPruneConfig, find_classifier
+from compression.techniques.student import StudentConfig
+from compression.techniques.student_models import DepthwiseSeparableNet, build_student
+from compression.techniques.unstructured_pruning import MagnitudePruneConfig
 
 NUM_CLASSES = 5
 

@@ -12,18 +12,18 @@ import pytest
 import torch
 from torch import nn
 
-import compression  # noqa: F401 - registers every technique
-from compression.analysis import compressed_bytes, count_macs, count_params, sparsity
-from compression.bn_folding import BnFoldConfig
-from compression.clipping import WeightClipConfig
-from compression.clustering import WeightClusterConfig
+import compression.techniques  # noqa: F401 - registers every technique
 from compression.context import CompressionContext
-from compression.structured_pruning import ChannelPruneConfig
-from compression.student import StudentConfig
-from compression.techniques import apply
-from compression.unstructured_pruning import MagnitudePruneConfig
-from server.digits.data import load_splits, normalize
-from server.digits.model import evaluate, load_trained
+from compression.models.digits.data import load_splits, normalize
+from compression.models.digits.model import evaluate, load_trained
+from compression.techniques.analysis import compressed_bytes, count_macs, count_params, sparsity
+from compression.techniques.bn_folding import BnFoldConfig
+from compression.techniques.clipping import WeightClipConfig
+from compression.techniques.clustering import WeightClusterConfig
+from compression.techniques.registry import apply
+from compression.techniques.structured_pruning import ChannelPruneConfig
+from compression.techniques.student import StudentConfig
+from compression.techniques.unstructured_pruning import MagnitudePruneConfig
 from tests.unit.test_techniques import one_intra_op_thread  # noqa: F401 - the same autouse one-thread fixture
 
 pytestmark = pytest.mark.slow

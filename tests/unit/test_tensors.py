@@ -3,8 +3,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from server.errors import InvalidArgument
-from server.tensors import (
+from protos.errors import InvalidArgument
+from protos.tensors import (
     array_from_raw,
     array_from_typed,
     classification_strings,

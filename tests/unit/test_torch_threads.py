@@ -1,4 +1,4 @@
-"""Torch work off the inference thread leaves no long-lived OpenMP team behind (server/torch_threads.py)."""
+"""Torch work off the inference thread leaves no long-lived OpenMP team behind (server/process/torch_threads.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from server.torch_threads import run_in_passing_thread
+from server.process.torch_threads import run_in_passing_thread
 
 SERVER = Path(__file__).resolve().parents[2] / "server"
 
@@ -40,4 +40,4 @@ def test_exceptions_reach_the_caller() -> None:
 def test_the_server_does_not_use_asyncio_default_threads() -> None:
     """asyncio.to_thread's threads live on: torch work there would slow every forward pass."""
     offenders = [str(p.relative_to(SERVER)) for p in SERVER.rglob("*.py") if "asyncio.to_thread(" in p.read_text()]
-    assert offenders == [], f"use run_in_passing_thread (server/torch_threads.py) instead in {offenders}"
+    assert offenders == [], f"use run_in_passing_thread (server/process/torch_threads.py) instead in {offenders}"

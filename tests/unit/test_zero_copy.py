@@ -17,11 +17,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from compression.runtime_eager import EagerPredictor
+from compression.models.names import INPUT_NAME
+from compression.runtimes.eager import EagerPredictor
 from protos import grpc_service_pb2 as pb
-from server.batching import DynamicBatcher
-from server.kserve_codec import build_response, parse_inputs, parse_outputs
-from server.registry import INPUT_NAME
+from server.batching.batcher import DynamicBatcher
+from server.transport.kserve_codec import build_response, parse_inputs, parse_outputs
 
 SHAPE = (3, 64, 64)
 MODEL: Any = SimpleNamespace(name="m", input_shape=SHAPE, max_batch_size=8, labels=None)

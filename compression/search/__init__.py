@@ -1,0 +1,1 @@
+"""The deploy-time search: config -> candidates -> measure (latency, fidelity) -> choose -> cache and report."""

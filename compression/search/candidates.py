@@ -1,0 +1,93 @@
+"""The search space: candidate chains of techniques, each ending in a realization (runtime + precision).
+
+The defaults follow what was measured on each kind of device (README, *Compression*): on CPUs the
+runtime matters as much as the technique (ONNX Runtime and AOTInductor beat eager; int8 pays; fp16
+and bf16 do not), on GPUs half precision and compilation are the main levers.
+
+GPU defaults (not yet measured on a GPU: benchmarks/GPU-TODO.md): fp16 and bf16 with BN folded
+first, eager in NHWC (tensor cores' native layout), with and without CUDA graphs (launch overhead
+dominates small batches), and AOTInductor-compiled; structured pruning with channel counts kept at
+multiples of 8 (tensor-core tiles; fewer MACs is not always faster there, so its latency is measured
+like any other); a distilled student. No int8: without a TensorRT path int8 CNN kernels on GPUs are
+usually slower than fp16 (the inductor int8 quantizer is X86-only, ONNX Runtime's CUDA provider
+runs QDQ models through float kernels); add an int8 candidate explicitly to measure it anyway.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from compression.runtimes.realization import RealizationConfig
+from compression.search.settings import CandidateSettings
+from compression.techniques.registry import config_from_dict
+
+BN_FOLD: dict[str, Any] = {"technique": "bn_fold"}
+PRUNE_HALF: dict[str, Any] = {"technique": "channel_prune", "ratio": 0.5}
+PRUNE_HALF_GPU: dict[str, Any] = {**PRUNE_HALF, "round_to": 8}
+STUDENT: dict[str, Any] = {"technique": "student", "architecture": "depthwise_separable"}
+
+
+def _candidate(
+    name: str, steps: list[dict[str, Any]], runtime: str, precision: str, **options: Any
+) -> CandidateSettings:
+    return CandidateSettings(
+        name=name, steps=steps, realization={"runtime": runtime, "precision": precision, **options}
+    )
+
+
+def default_candidates(device: str) -> list[CandidateSettings]:
+    if device.startswith("cuda"):
+        return [
+            _candidate("fp16", [BN_FOLD], "eager", "fp16", channels_last=True),
+            _candidate("bf16", [BN_FOLD], "eager", "bf16", channels_last=True),
+            _candidate("fp16-cudagraphs", [BN_FOLD], "eager", "fp16", channels_last=True, cuda_graphs=True),
+            _candidate("compiled-fp16", [BN_FOLD], "inductor", "fp16"),
+            _candidate("compiled-bf16", [BN_FOLD], "inductor", "bf16"),
+            _candidate("pruned50-compiled-fp16", [PRUNE_HALF_GPU, BN_FOLD], "inductor", "fp16"),
+            _candidate(
+                "pruned50-fp16-cudagraphs",
+                [PRUNE_HALF_GPU, BN_FOLD],
+                "eager",
+                "fp16",
+                channels_last=True,
+                cuda_graphs=True,
+            ),
+            _candidate("student-compiled-fp16", [STUDENT, BN_FOLD], "inductor", "fp16"),
+        ]
+    return [
+        _candidate("onnxruntime-fp32", [BN_FOLD], "onnxruntime", "fp32"),
+        _candidate("compiled-fp32", [BN_FOLD], "inductor", "fp32"),
+        _candidate("int8-onnxruntime", [], "onnxruntime", "int8"),
+        _candidate("int8-compiled", [], "inductor", "int8"),
+        _candidate("pruned50-onnxruntime-fp32", [PRUNE_HALF, BN_FOLD], "onnxruntime", "fp32"),
+        _candidate("pruned50-int8-onnxruntime", [PRUNE_HALF], "onnxruntime", "int8"),
+        _candidate("student-int8-onnxruntime", [STUDENT], "onnxruntime", "int8"),
+        # Storage techniques: they shrink the compressed file, not the latency of dense kernels.
+        _candidate(
+            "sparse80", [{"technique": "magnitude_prune", "sparsity": 0.8, "finetune_epochs": 3}], "eager", "fp32"
+        ),
+        _candidate("clustered4bit", [{"technique": "weight_cluster", "bits": 4}], "eager", "fp32"),
+        _candidate("clipped", [{"technique": "weight_clip", "percentile": 99.9}], "eager", "fp32"),
+    ]
+
+
+@dataclass(frozen=True)
+class Candidate:
+    name: str
+    steps: tuple[Any, ...]
+    """Technique configs, applied in order."""
+    realization: RealizationConfig
+
+    @classmethod
+    def from_settings(cls, settings: CandidateSettings) -> Candidate:
+        return cls(
+            settings.name,
+            tuple(config_from_dict(step) for step in settings.steps),
+            RealizationConfig.from_dict(settings.realization),
+        )
+
+    @property
+    def techniques(self) -> list[str]:
+        """Human-readable chain, e.g. ``["channel_prune", "onnxruntime:int8"]``."""
+        return [step.name for step in self.steps] + [f"{self.realization.runtime}:{self.realization.precision}"]

@@ -1,0 +1,1 @@
+"""The deploy config: YAML -> validated settings, before anything listens."""

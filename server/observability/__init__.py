@@ -1,0 +1,1 @@
+"""What the server tells operators: Prometheus metrics, GPU metrics, KServe inference statistics."""

@@ -1,0 +1,1 @@
+"""Process hygiene: glibc allocator thresholds and threads that leave no OpenMP team behind."""
