@@ -13,7 +13,7 @@ from compression.runtimes.cuda_support import prefers_channels_last
 from compression.runtimes.eager import reference_predictor
 from compression.runtimes.predictor import Predictor
 from compression.runtimes.realization import load_predictor
-from tests.unit.test_realization import CLASSES, MAX_BATCH, SIZE, build, make_model
+from tests.unit.compression.runtimes.test_realization import CLASSES, MAX_BATCH, SIZE, build, make_model
 
 
 def batches(seed: int) -> list[torch.Tensor]:

@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests import REPO_ROOT
+
+ROOT = REPO_ROOT
 PACKAGES = ("server", "compression", "clients", "protos")
 LINT_IMPORTS = Path(sys.executable).with_name("lint-imports")
 

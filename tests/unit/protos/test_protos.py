@@ -25,8 +25,7 @@ from google.protobuf import descriptor_pb2, descriptor_pool, json_format, messag
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 
 from protos import generate, grpc_service_pb2
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from tests import REPO_ROOT
 
 # The messages the stock client sends or parses.
 CLIENT_MESSAGES = [

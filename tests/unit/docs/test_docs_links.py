@@ -14,7 +14,9 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests import REPO_ROOT
+
+ROOT = REPO_ROOT
 README_MAX_BYTES = 20 * 1024
 
 _FENCE = re.compile(r"^\s{0,3}(```|~~~)")

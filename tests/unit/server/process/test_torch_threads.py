@@ -5,14 +5,14 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
 from server.process.torch_threads import run_in_passing_thread
+from tests import REPO_ROOT
 
-SERVER = Path(__file__).resolve().parents[2] / "server"
+SERVER = REPO_ROOT / "server"
 
 
 def _parallel_work(size: int) -> tuple[str, float]:

@@ -1,6 +1,6 @@
 """Every deploy config shipped in deploy/examples is valid (so the docs that point at them stay true).
 
-The Kubernetes ConfigMap's embedded config is checked by tests/unit/test_manifests.py."""
+The Kubernetes ConfigMap's embedded config is checked by tests/unit/deploy/test_manifests.py."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from server.config.settings import load_config
+from tests import REPO_ROOT
 
-CONFIGS = sorted((Path(__file__).resolve().parents[2] / "deploy" / "examples").rglob("*.yaml"))
+CONFIGS = sorted((REPO_ROOT / "deploy" / "examples").rglob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)

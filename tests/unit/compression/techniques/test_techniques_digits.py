@@ -24,7 +24,7 @@ from compression.techniques.registry import apply
 from compression.techniques.structured_pruning import ChannelPruneConfig
 from compression.techniques.student import StudentConfig
 from compression.techniques.unstructured_pruning import MagnitudePruneConfig
-from tests.unit.test_techniques import one_intra_op_thread  # noqa: F401 - the same autouse one-thread fixture
+from tests.unit.compression.techniques.test_techniques import one_intra_op_thread  # noqa: F401 - the same autouse one-thread fixture
 
 pytestmark = pytest.mark.slow
 
