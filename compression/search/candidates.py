@@ -1,6 +1,6 @@
 """The search space: candidate chains of techniques, each ending in a realization (runtime + precision).
 
-The defaults follow what was measured on each kind of device (README, *Compression*): on CPUs the
+The defaults follow what was measured on each kind of device (docs/compression.md): on CPUs the
 runtime matters as much as the technique (ONNX Runtime and AOTInductor beat eager; int8 pays; fp16
 and bf16 do not), on GPUs half precision and compilation are the main levers.
 

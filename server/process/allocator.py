@@ -6,7 +6,7 @@ threshold; every 4 KiB page of such a buffer then costs a page fault on its next
 the batch stacked from several of them and a model's activations are exactly such buffers, allocated
 and freed on every request. Raising both thresholds keeps them in the heap for reuse: measured with
 ``perf_analyzer -b 4`` on a model that costs microseconds, the build before and after in three
-alternating pairs, +2 to +28% throughput and half the time to take a request in (README, "The floor
+alternating pairs, +2 to +28% throughput and half the time to take a request in (docs/benchmarks.md, "The floor
 under the overhead target").
 
 Operators keep the last word: glibc's own ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_``
