@@ -15,12 +15,10 @@ import json
 import math
 import shutil
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
 import numpy as np
 import torch
@@ -28,7 +26,6 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-import compression.search.runner as search_module
 from compression.models.digits.data import load_splits, normalize
 from compression.runtimes.predictor import Predictor
 from compression.search.accuracy import fidelity, predict_top1
@@ -145,25 +142,6 @@ def trained_model(folder: Path, recipe: Recipe, progress: Callable[[str], None])
     return model, seconds
 
 
-@contextmanager
-def _captured_predictors(into: dict[str, Predictor]) -> Iterator[None]:
-    """Keep every predictor the search builds, keyed by candidate name, to score it on "test" afterwards.
-
-    NOTE: run_search deletes the artifacts of variants it does not choose and returns only figures; the
-    predictors it measured are already loaded in memory (ONNX Runtime sessions, loaded AOTInductor
-    libraries, exported programs), so keeping references scores exactly what the search measured.
-    """
-    real = search_module.build_predictor
-
-    def build_and_keep(model: nn.Module, config: Any, ctx: Any, artifact_dir: Path, **kwargs: Any) -> Predictor:
-        predictor = real(model, config, ctx, artifact_dir, **kwargs)
-        into[artifact_dir.name] = predictor
-        return predictor
-
-    with mock.patch.object(search_module, "build_predictor", build_and_keep):
-        yield
-
-
 def _load_cached(folder: Path) -> FidelityResult | None:
     try:
         data = json.loads((folder / RESULTS).read_text())
@@ -217,11 +195,20 @@ def run_fidelity(
     data = EvalData(calibration=train_x[:CALIBRATION_IMAGES], validation=val_x, validation_labels=val_y)
     settings = search_settings(device)
     shutil.rmtree(search_dir, ignore_errors=True)
+    # NOTE: run_search deletes the artifacts of the variants it does not choose and returns only figures;
+    # the predictors it measured are already loaded in memory (ONNX Runtime sessions, loaded AOTInductor
+    # libraries, exported programs), so keeping them scores on "test" exactly what the search measured.
     predictors: dict[str, Predictor] = {}
-    with _captured_predictors(predictors):
-        report = run_search(
-            model, settings, data, search_dir, model_name="resnet18-digits", max_batch_size=MAX_BATCH, progress=progress
-        )
+    report = run_search(
+        model,
+        settings,
+        data,
+        search_dir,
+        model_name="resnet18-digits",
+        max_batch_size=MAX_BATCH,
+        progress=progress,
+        on_candidate_built=predictors.__setitem__,
+    )
     write_reports(report, search_dir)
     progress(f"scoring {len(predictors)} built variants on the {len(test_y)} test images")
     reference = predict_top1(model, test_x, MAX_BATCH)

@@ -27,7 +27,7 @@ import time
 import torch
 
 from benchmarks.common import table
-from benchmarks.compression import _ms, _progress, chosen_row, fidelity_table, selected, write_results
+from benchmarks.compression_common import chosen_row, fidelity_table, format_ms, print_progress, selected, write_results
 from benchmarks.compression_fidelity import GPU_BATCH, FidelityResult, cached_fidelity, run_fidelity
 from benchmarks.compression_latency import REFERENCE, Row, Variant, candidate_variants, labelled, run_latency
 from compression.runtimes.cuda_support import CudaUnavailable, require_cuda
@@ -84,7 +84,7 @@ def throughput_table(rows: list[Row], chosen: str | None, fid: FidelityResult | 
                 f"{row.params / 1e6:.2f}" if row.params else "-",
                 f"{row.macs / 1e9:.3f}" if row.macs else "-",
                 *[f"{ips:.0f}" if (ips := images_per_s(row, b)) else "-" for b in BATCHES],
-                _ms(row.p50_ms.get(GPU_BATCH)),
+                format_ms(row.p50_ms.get(GPU_BATCH)),
                 _x(speedup(row, base, GPU_BATCH)),
                 "-" if agree is None else f"{agree:.1%}",
                 status,
@@ -156,7 +156,7 @@ def run_gpu(args: argparse.Namespace, cli_args: list[str]) -> None:
     fid = (
         cached_fidelity(args.out, device=target)
         if args.skip_fidelity
-        else run_fidelity(args.out, progress=_progress, fresh_search=args.fresh_search, device=target)
+        else run_fidelity(args.out, progress=print_progress, fresh_search=args.fresh_search, device=target)
     )
     latency, chosen, reasons = {}, {}, {}
     for arch in models:
@@ -164,7 +164,7 @@ def run_gpu(args: argparse.Namespace, cli_args: list[str]) -> None:
             arch,
             args.out / "cuda",
             iterations=args.iterations,
-            progress=_progress,
+            progress=print_progress,
             device=target,
             batches=BATCHES,
             variant_list=selected(gpu_variants(), args.variants),

@@ -137,11 +137,19 @@ def run_search(
     model_name: str,
     max_batch_size: int,
     progress: Callable[[str], None] = log.info,
+    on_candidate_built: Callable[[str, Predictor], None] | None = None,
 ) -> SearchReport:
     """Build and measure every candidate into ``out_dir``; keep only the chosen artifact.
 
     On a GPU target the search works on a copy of ``model`` moved there (the teacher of distillation
     runs there too); the caller's model stays where it was.
+
+    ``on_candidate_built(name, predictor)``, if given, is called once per candidate that built, with the
+    candidate's name and its predictor loaded from the artifact, right after it is built and before any
+    candidate is measured; the predictor is the very object the search then measures (it stays usable
+    after the search even though unchosen artifacts are deleted from disk, since it is already loaded).
+    It is not called for the original (the caller's own model) nor for a candidate that failed to build.
+    An exception it raises ends the search.
     """
     started = time.perf_counter()
     device = require_cuda(settings.target.device)
@@ -183,6 +191,8 @@ def run_search(
             built[candidate.name] = _Built(result, None)  # type: ignore[arg-type]
         else:
             built[candidate.name] = result
+            if on_candidate_built is not None:
+                on_candidate_built(candidate.name, result.predictor)
 
     working = {name: b for name, b in built.items() if b.report.error is None}
     progress(
