@@ -33,6 +33,8 @@ class ServerProcess:
     address: str
     metrics_url: str
     process: subprocess.Popen[bytes]
+    http_address: str = ""
+    """host:port of the KServe v2 REST endpoint."""
 
 
 @contextmanager
@@ -42,7 +44,7 @@ def slimserve_process(
     """``slimserve serve`` in its own process (its own GIL and cores), stopped with SIGTERM afterwards.
 
     With ``wait=False`` it yields as soon as the process has started (call :func:`wait_ready` later)."""
-    grpc_port, metrics_port = free_port(), free_port()
+    grpc_port, http_port, metrics_port = free_port(), free_port(), free_port()
     command = [
         sys.executable,
         "-m",
@@ -52,6 +54,8 @@ def slimserve_process(
         "127.0.0.1",
         "--grpc-port",
         str(grpc_port),
+        "--http-port",
+        str(http_port),
         "--metrics-port",
         str(metrics_port),
     ]
@@ -63,7 +67,7 @@ def slimserve_process(
     try:
         if wait:
             wait_ready(address, process, ready_timeout_s)
-        yield ServerProcess(address, f"http://127.0.0.1:{metrics_port}/metrics", process)
+        yield ServerProcess(address, f"http://127.0.0.1:{metrics_port}/metrics", process, f"127.0.0.1:{http_port}")
     finally:
         process.terminate()
         process.wait(timeout=60)

@@ -1,4 +1,4 @@
-"""One slimserve process: load the configured models, serve them over gRPC, export metrics.
+"""One slimserve process: load the configured models, serve them over gRPC and HTTP, export metrics.
 
 ``SlimServer.start()`` binds the ports first (health NOT_SERVING, ServerReady false), then loads and
 warms up every model off the event loop, and only then reports SERVING.
@@ -35,7 +35,7 @@ from protos import (
     grpc_service_pb2_grpc,
 )
 from server.batching.batcher import Forward
-from server.config.settings import DeployConfig, ModelSettings
+from server.config.settings import DeployConfig, ModelSettings, ServerSettings
 from server.dataplane import DataPlane
 from server.observability.gpu_metrics import register_gpu_metrics
 from server.observability.metrics import MetricsEndpoint, ServerMetrics
@@ -43,6 +43,7 @@ from server.process.torch_threads import run_in_passing_thread
 from server.transport.admin import AdminServicer
 from server.transport.classify import ClassifierServicer
 from server.transport.kserve import KServeServicer
+from server.transport.rest import RestEndpoint
 from server.transport.security import add_port, server_interceptors
 from server.variants.compressed import CompressedVariants
 from server.variants.guardrail import Guardrail
@@ -78,12 +79,18 @@ class SlimServer:
         self._health = health_aio.HealthServicer()
         self._ready = False
         self._grpc: grpc.aio.Server | None = None
+        self._rest: RestEndpoint | None = None
         self._metrics_endpoint: MetricsEndpoint | None = None
         self.grpc_port = 0
 
     @property
     def ready(self) -> bool:
         return self._ready
+
+    @property
+    def http_port(self) -> int:
+        """The bound REST port; 0 when ``server.http_port`` is null."""
+        return self._rest.port if self._rest else 0
 
     @property
     def metrics_port(self) -> int:
@@ -113,6 +120,8 @@ class SlimServer:
             await asyncio.sleep(0.01)
         if self._grpc is not None:
             await self._grpc.stop(max(0.0, deadline - time.monotonic()))
+        if self._rest is not None:
+            await self._rest.stop()
         for shadow in self.plane.shadows.values():
             await shadow.stop()
         await self.registry.stop()
@@ -158,11 +167,23 @@ class SlimServer:
                 f"cannot listen for metrics on {_address(metrics_host, server_settings.metrics_port)}: {exc}"
             ) from exc
         await self._grpc.start()
+        if server_settings.http_port is not None:
+            await self._listen_http(server_settings)
         log.info(
-            "gRPC listening on %s, metrics on http://%s/metrics",
+            "gRPC listening on %s, HTTP on %s, metrics on http://%s/metrics",
             _address(server_settings.host, self.grpc_port),
+            _address(server_settings.host, self.http_port) if self._rest else "(off)",
             _address(metrics_host, self.metrics_port),
         )
+
+    async def _listen_http(self, server_settings: ServerSettings) -> None:
+        assert server_settings.http_port is not None
+        self._rest = RestEndpoint(self.plane, lambda: self._ready, server_settings)
+        try:
+            await self._rest.start(server_settings.host, server_settings.http_port)
+        except OSError as exc:
+            address = _address(server_settings.host, server_settings.http_port)
+            raise StartupError(f"cannot listen for HTTP on {address}: {exc}") from exc
 
     async def _load(self, settings: ModelSettings) -> None:
         started = time.perf_counter()

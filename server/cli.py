@@ -26,10 +26,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="slimserve", description=__doc__)
     parser.add_argument("--version", action="version", version=f"slimserve {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
-    serve_cmd = commands.add_parser("serve", help="serve the models of a deploy config over gRPC")
+    serve_cmd = commands.add_parser("serve", help="serve the models of a deploy config over gRPC and HTTP")
     serve_cmd.add_argument("--config", type=Path, help="YAML deploy config (default: the bundled digits model)")
     serve_cmd.add_argument("--host", help="interface to listen on (default 0.0.0.0)")
     serve_cmd.add_argument("--grpc-port", type=int, help="gRPC port (default 8001)")
+    serve_cmd.add_argument("--http-port", type=int, help="KServe v2 REST port (default 8000)")
     serve_cmd.add_argument("--metrics-port", type=int, help="Prometheus /metrics HTTP port (default 8002)")
     serve_cmd.add_argument("--metrics-host", help="interface for /metrics (default: the gRPC interface)")
     serve_cmd.add_argument("--log-level", default="INFO", choices=LOG_LEVELS)
@@ -48,7 +49,7 @@ def resolve_config(args: argparse.Namespace) -> DeployConfig:
     config = load_config(args.config) if args.config else default_config()
     overrides = {
         key: value
-        for key in ("host", "grpc_port", "metrics_port", "metrics_host")
+        for key in ("host", "grpc_port", "http_port", "metrics_port", "metrics_host")
         if (value := getattr(args, key, None)) is not None
     }
     if overrides:

@@ -18,7 +18,7 @@ from server.config.settings import DeployConfig, ServerSettings
 def loopback(config: DeployConfig) -> DeployConfig:
     """``config`` listening on 127.0.0.1 with OS-chosen ports (no port races between tests)."""
     server = ServerSettings.model_validate(
-        {**config.server.model_dump(), "host": "127.0.0.1", "grpc_port": 0, "metrics_port": 0}
+        {**config.server.model_dump(), "host": "127.0.0.1", "grpc_port": 0, "http_port": 0, "metrics_port": 0}
     )
     return config.model_copy(update={"server": server})
 
@@ -34,6 +34,11 @@ class ServerThread:
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.server.grpc_port}"
+
+    @property
+    def http_address(self) -> str:
+        """host:port of the KServe v2 REST endpoint."""
+        return f"127.0.0.1:{self.server.http_port}"
 
     @property
     def metrics_url(self) -> str:

@@ -22,7 +22,7 @@ config["scrape_configs"][0]["static_configs"] = [{"targets": [f"127.0.0.1:{sys.a
 yaml.safe_dump(config, open(sys.argv[1], "w"))
 PY
 
-$BIN/slimserve serve --host 127.0.0.1 --grpc-port $GRPC --metrics-port $METRICS > "$WORK/slimserve.log" 2>&1 &
+$BIN/slimserve serve --host 127.0.0.1 --grpc-port $GRPC --http-port 0 --metrics-port $METRICS > "$WORK/slimserve.log" 2>&1 &
 prometheus --config.file="$WORK/prometheus.yml" --storage.tsdb.path="$WORK/data" \
   --web.listen-address=127.0.0.1:$PROM > "$WORK/prometheus.log" 2>&1 &
 until $BIN/python -c "import grpc, sys; from grpc_health.v1 import health_pb2 as h, health_pb2_grpc as g; \

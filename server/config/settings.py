@@ -77,7 +77,7 @@ ImageFormat = Literal["JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF"]
 
 
 class TlsSettings(StrictModel):
-    """TLS on the gRPC port; with ``client_ca_file`` also mutual TLS. PEM files; none set = plaintext."""
+    """TLS on the gRPC and HTTP ports; with ``client_ca_file`` also mutual TLS. PEM files; none set = plaintext."""
 
     cert_file: Path | None = None
     """The server's certificate chain."""
@@ -116,6 +116,9 @@ class AuthSettings(StrictModel):
 class ServerSettings(StrictModel):
     host: str = "0.0.0.0"
     grpc_port: int = Field(8001, ge=0, le=65535)
+    http_port: int | None = Field(8000, ge=0, le=65535)
+    """KServe v2 REST port (Triton's default, 8000), on ``host``, with the gRPC port's TLS and auth; ``null``
+    = no HTTP endpoint."""
     metrics_port: int = Field(8002, ge=0, le=65535)
     """HTTP port of the Prometheus ``/metrics`` endpoint."""
     metrics_host: str | None = None

@@ -20,15 +20,20 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
     async def Classify(self, request: pb.ClassifyRequest, track: RequestTrack) -> pb.ClassifyResponse:
         if not self._is_ready():
             raise Unavailable("the server is not ready")
-        model, variant = self.plane.resolve(request.model_name, request.variant, track)
-        images = await self.plane.classify(model, variant, list(request.images), request.top_k, track)
-        return pb.ClassifyResponse(
-            model_name=model.name,
-            variant=variant.name,
-            results=[
-                pb.ImageClassification(
-                    classes=[pb.Class(label=label, index=index, score=score) for label, index, score in image.classes]
-                )
-                for image in images
-            ],
-        )
+        return await classify(self.plane, request, track)
+
+
+async def classify(plane: DataPlane, request: pb.ClassifyRequest, track: RequestTrack) -> pb.ClassifyResponse:
+    """One Classify call, whichever transport carried it (gRPC here, HTTP in ``rest.py``)."""
+    model, variant = plane.resolve(request.model_name, request.variant, track)
+    images = await plane.classify(model, variant, list(request.images), request.top_k, track)
+    return pb.ClassifyResponse(
+        model_name=model.name,
+        variant=variant.name,
+        results=[
+            pb.ImageClassification(
+                classes=[pb.Class(label=label, index=index, score=score) for label, index, score in image.classes]
+            )
+            for image in images
+        ],
+    )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hmac
 import logging
 import os
+import ssl
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -56,11 +57,32 @@ def load_tokens(auth: AuthSettings) -> list[bytes]:
     return [token.encode() for token in tokens]
 
 
-class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
-    """Refuses calls without a valid ``authorization: Bearer <token>`` with UNAUTHENTICATED."""
+class BearerTokens:
+    """The accepted tokens, and the check of an ``authorization`` value (gRPC metadata or HTTP header)."""
 
     def __init__(self, tokens: Sequence[bytes]) -> None:
         self._tokens = list(tokens)
+
+    def problem(self, value: str | bytes | None, carrier: str = "metadata") -> str | None:
+        """None when ``value`` is ``Bearer <an accepted token>``, else what is wrong with it; ``carrier``
+        names what carries it in the message (gRPC ``metadata``, an HTTP ``header``)."""
+        if value is None:
+            return f"missing credentials: send {carrier} 'authorization: Bearer <token>'"
+        text = value if isinstance(value, str) else value.decode("latin-1")
+        scheme, _, token = text.strip().partition(" ")
+        if scheme.lower() != SCHEME or not token.strip():
+            return f"malformed authorization {carrier}: expected 'Bearer <token>'"
+        offered = token.strip().encode()
+        # NOTE: compare with every token, no early exit: timing says nothing about which one was close.
+        matches = [hmac.compare_digest(offered, accepted) for accepted in self._tokens]
+        return None if any(matches) else "invalid bearer token"
+
+
+class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
+    """Refuses calls without a valid ``authorization: Bearer <token>`` with UNAUTHENTICATED."""
+
+    def __init__(self, tokens: BearerTokens) -> None:
+        self._tokens = tokens
 
     async def intercept_service(
         self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
@@ -78,16 +100,21 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
     def _check(self, metadata: Sequence[tuple[str, str | bytes]]) -> str | None:
         """None when the call carries an accepted token, else what is wrong with it."""
         values = [value for key, value in metadata if key == AUTHORIZATION]
-        if not values:
-            return "missing credentials: send metadata 'authorization: Bearer <token>'"
-        value = values[0] if isinstance(values[0], str) else values[0].decode("latin-1")
-        scheme, _, token = value.strip().partition(" ")
-        if scheme.lower() != SCHEME or not token.strip():
-            return "malformed authorization metadata: expected 'Bearer <token>'"
-        offered = token.strip().encode()
-        # NOTE: compare with every token, no early exit: timing says nothing about which one was close.
-        matches = [hmac.compare_digest(offered, accepted) for accepted in self._tokens]
-        return None if any(matches) else "invalid bearer token"
+        return self._tokens.problem(values[0] if values else None)
+
+
+def ssl_context(tls: TlsSettings) -> ssl.SSLContext:
+    """The HTTP port's TLS settings, the same files and client-certificate rule as the gRPC port's."""
+    assert tls.cert_file is not None and tls.key_file is not None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(tls.cert_file, tls.key_file)
+        if tls.client_ca_file is not None:
+            context.load_verify_locations(cafile=tls.client_ca_file)
+            context.verify_mode = ssl.CERT_REQUIRED
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"server.tls: cannot use {tls.cert_file} / {tls.key_file}: {exc}") from exc
+    return context
 
 
 def _read(field: str, path: Path) -> bytes:
@@ -101,7 +128,7 @@ def server_interceptors(settings: ServerSettings) -> list[grpc.aio.ServerInterce
     """Token auth (when configured) first, so refused calls cost nothing more; then message parsing."""
     chain: list[grpc.aio.ServerInterceptor] = []
     if settings.auth.enabled:
-        chain.append(BearerTokenInterceptor(load_tokens(settings.auth)))
+        chain.append(BearerTokenInterceptor(BearerTokens(load_tokens(settings.auth))))
         log.info("bearer-token auth on every service but %s", ", ".join(OPEN_SERVICES))
     chain.append(MalformedRequestInterceptor())
     return chain

@@ -78,7 +78,7 @@ def test_serve_refuses_an_invalid_config_before_listening(
     port = free_port()
     argv = ["serve", "--config", str(bad_config(tmp_path, text)), "--host", "127.0.0.1", "--grpc-port", str(port)]
     with caplog.at_level(logging.INFO):
-        assert cli.main([*argv, "--metrics-port", str(free_port())]) == 2
+        assert cli.main([*argv, "--http-port", str(free_port()), "--metrics-port", str(free_port())]) == 2
     logged = caplog.text
     assert message.replace("FOLDER", str(tmp_path)) in logged, logged
     assert "listening" not in logged and port_is_free(port)
@@ -88,6 +88,7 @@ def test_the_real_command_exits_2_with_the_message(tmp_path: Path) -> None:
     config = bad_config(tmp_path, "server: {tls: {cert_file: server.pem}}\n" + MODEL)
     port = free_port()
     command = [sys.executable, "-m", "server.cli", "serve", "--config", str(config), "--grpc-port", str(port)]
+    command += ["--http-port", str(free_port())]
     done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2
     assert f"invalid deploy config {config}:\n  server.tls: cert_file is set but key_file is not" in done.stderr

@@ -170,7 +170,7 @@ def test_cmd_serves_and_healthcheck_follows_it(build: Build) -> None:
     assert load_config(config_path).models[0].name == "digits"  # the image's default config, as COPYed
     grpc_port, metrics_port = free_port(), free_port()
     config = digits_without_compression()
-    server = ServerSettings(host="127.0.0.1", grpc_port=grpc_port, metrics_port=metrics_port)
+    server = ServerSettings(host="127.0.0.1", grpc_port=grpc_port, http_port=free_port(), metrics_port=metrics_port)
     config_path.parent.mkdir(parents=True, exist_ok=True)
     config_path.write_text(yaml.safe_dump(config.model_copy(update={"server": server}).model_dump(mode="json")))
     cache_dir = Path(build.env["SLIMSERVE_CACHE_DIR"])  # the config names none: the image's ENV decides

@@ -189,7 +189,7 @@ def test_a_bad_model_file_stops_serve_with_a_message_naming_it(
     config = files.root / "deploy.yaml"
     yaml_source = "{" + ", ".join(f"{k}: {v}" for k, v in source.items()) + "}"  # NOTE: paths relative to the file
     config.write_text(
-        "server: {host: 127.0.0.1, grpc_port: 0, metrics_port: 0}\n"
+        "server: {host: 127.0.0.1, grpc_port: 0, http_port: 0, metrics_port: 0}\n"
         f"models:\n  - {{name: oddnet, source: {yaml_source}, preprocessing: {{resize: 32, crop: 32}},"
         f" batching: {{max_batch_size: {MAX_BATCH}}}}}\n"
     )
@@ -207,7 +207,7 @@ COMPRESSION_CANDIDATES: list[dict[str, Any]] = [
     {"name": "int8-onnxruntime", "realization": {"runtime": "onnxruntime", "precision": "int8"}},
     {
         "name": "pruned",
-        "steps": [{"technique": "channel_prune", "ratio": 0.5, "finetune_epochs": 1}],
+        "steps": [{"technique": "channel_prune", "ratio": 0.5, "distillation": {"epochs": 1}}],
         "realization": {"runtime": "eager", "precision": "fp32"},
     },
     {
@@ -274,7 +274,7 @@ def test_torchscript_that_cannot_be_converted_serves_and_says_why_techniques_fai
         *COMPRESSION_CANDIDATES[:2],
         {
             "name": "student",
-            "steps": [{"technique": "student", "architecture": "depthwise_separable", "epochs": 1}],
+            "steps": [{"technique": "student", "architecture": "depthwise_separable", "distillation": {"epochs": 1}}],
             "realization": {"runtime": "onnxruntime", "precision": "fp32"},
         },
     ]
