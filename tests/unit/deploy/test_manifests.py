@@ -165,7 +165,7 @@ def test_ports_agree_everywhere(tmp_path: Path) -> None:
     server = configmap_config(tmp_path).server
     container = containers(by_kind("Deployment"))[0]
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert ports == {"grpc": server.grpc_port, "metrics": server.metrics_port}
+    assert ports == {"http": server.http_port, "grpc": server.grpc_port, "metrics": server.metrics_port}
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert container[probe]["grpc"]["port"] == server.grpc_port
     service = by_kind("Service")["spec"]
@@ -174,7 +174,11 @@ def test_ports_agree_everywhere(tmp_path: Path) -> None:
     assert {e["port"] for e in by_kind("PodMonitor")["spec"]["podMetricsEndpoints"]} == {"metrics"}
     assert sorted(Dockerfile().exposed_ports()) == sorted(ports.values())
     defaults = ServerSettings()
-    assert (defaults.grpc_port, defaults.metrics_port) == (server.grpc_port, server.metrics_port)
+    assert (defaults.http_port, defaults.grpc_port, defaults.metrics_port) == (
+        server.http_port,
+        server.grpc_port,
+        server.metrics_port,
+    )
     assert DEFAULT_PORT == defaults.grpc_port
 
 
