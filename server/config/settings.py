@@ -137,6 +137,11 @@ class ServerSettings(StrictModel):
     surface)."""
     tls: TlsSettings = TlsSettings()
     auth: AuthSettings = AuthSettings()
+    model_control: Literal["none", "explicit"] = "none"
+    """``explicit``: clients may load, replace and unload models at run time through the repository API
+    (``RepositoryModelLoad``/``Unload``, ``POST /v2/repository/models/{m}/load|unload``), as Triton's
+    ``--model-control-mode=explicit``; models loaded so are not written back to the config file.
+    ``none``: both calls are refused and the config file is the only source of models."""
 
 
 class DeployConfig(StrictModel):
