@@ -40,8 +40,8 @@ CALIBRATION_IMAGES = 32
 # NOTE: bump when the way the random model or a variant is made changes: it names the cache folder.
 CACHE_VERSION = "v1"
 _SIDECAR = "benchmark.json"
-# NOTE: the KD/fine-tuning field of each training technique, zeroed here (speed does not depend on it).
-_TRAINING_FIELD = {"channel_prune": "finetune_epochs", "magnitude_prune": "finetune_epochs", "student": "epochs"}
+# NOTE: the techniques that train (a ``distillation`` block): epochs zeroed here (speed does not depend on them).
+_TRAINING = {"channel_prune", "magnitude_prune", "student"}
 
 
 @dataclass(frozen=True)
@@ -68,8 +68,9 @@ class Row:
 
 
 def _untrained(step: dict[str, Any]) -> dict[str, Any]:
-    training = _TRAINING_FIELD.get(step["technique"])
-    return {**step, training: 0} if training else dict(step)
+    if step["technique"] not in _TRAINING:
+        return dict(step)
+    return {**step, "distillation": {**step.get("distillation", {}), "epochs": 0}}
 
 
 def _label(steps: list[dict[str, Any]], realization: dict[str, Any]) -> str:

@@ -65,7 +65,10 @@ def default_candidates(device: str) -> list[CandidateSettings]:
         _candidate("student-int8-onnxruntime", [STUDENT], "onnxruntime", "int8"),
         # Storage techniques: they shrink the compressed file, not the latency of dense kernels.
         _candidate(
-            "sparse80", [{"technique": "magnitude_prune", "sparsity": 0.8, "finetune_epochs": 3}], "eager", "fp32"
+            "sparse80",
+            [{"technique": "magnitude_prune", "sparsity": 0.8, "distillation": {"epochs": 3}}],
+            "eager",
+            "fp32",
         ),
         _candidate("clustered4bit", [{"technique": "weight_cluster", "bits": 4}], "eager", "fp32"),
         _candidate("clipped", [{"technique": "weight_clip", "percentile": 99.9}], "eager", "fp32"),

@@ -2,7 +2,7 @@
 
 The loss is ``alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE(student, argmax teacher)``,
 so unlabeled images suffice: the teacher provides both the soft and the hard targets. Training is
-bounded by ``max_epochs`` and ``time_budget_s`` (whichever comes first) and the learning rate follows
+bounded by ``epochs`` and ``time_budget_s`` (whichever comes first) and the learning rate follows
 a cosine decay over whichever of the two bounds is closer, so a run cut short by time still ends at
 a small learning rate. The clock enters the schedule only once the steps planned would not fit in the
 budget: a run that fits depends on its seed alone, not on how busy the machine was.
@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -25,91 +25,61 @@ from compression.errors import check_float, check_int
 _EVAL_BATCH = 256
 
 
-def check_kd_fields(
-    epochs: int,
-    time_budget_s: float,
-    temperature: float,
-    alpha: float,
-    lr: float,
-    *,
-    epochs_name: str = "epochs",
-    budget_name: str = "time_budget_s",
-) -> None:
-    """Validate the KD fields that technique configs share; raises ValueError naming the field."""
-    check_int(epochs_name, epochs, 0)
-    check_float(budget_name, time_budget_s, 0.0, low_open=True)
-    check_float("temperature", temperature, 0.0, low_open=True)
-    check_float("alpha", alpha, 0.0, 1.0)
-    check_float("lr", lr, 0.0, low_open=True)
-
-
-class FinetuneFields(Protocol):
-    """The KD recovery fields that pruning configs share (read-only, so frozen dataclasses match)."""
-
-    @property
-    def finetune_epochs(self) -> int: ...
-
-    @property
-    def finetune_time_budget_s(self) -> float: ...
-
-    @property
-    def temperature(self) -> float: ...
-
-    @property
-    def alpha(self) -> float: ...
-
-    @property
-    def lr(self) -> float: ...
-
-
-def check_finetune_fields(config: FinetuneFields) -> None:
-    check_kd_fields(
-        config.finetune_epochs,
-        config.finetune_time_budget_s,
-        config.temperature,
-        config.alpha,
-        config.lr,
-        epochs_name="finetune_epochs",
-        budget_name="finetune_time_budget_s",
-    )
-
-
-def finetune_settings(config: FinetuneFields) -> DistillSettings:
-    """Distillation settings for a pruned model's recovery fine-tuning."""
-    return DistillSettings(
-        max_epochs=config.finetune_epochs,
-        time_budget_s=config.finetune_time_budget_s,
-        temperature=config.temperature,
-        alpha=config.alpha,
-        lr=config.lr,
-    )
-
-
 @dataclass(frozen=True)
 class DistillSettings:
-    """How to distill; techniques build one from their config fields."""
+    """How to distill: the ``distillation`` block of every technique that trains (channel and magnitude
+    pruning's recovery fine-tuning, students), and what :func:`distill` runs.
 
-    max_epochs: int = 10
+    Each such technique gives the block its own defaults (``CHANNEL_PRUNE_DISTILLATION`` and the like in
+    its module); a block written in a deploy config overrides only the fields it names.
+    """
+
+    epochs: int = 10
+    """At most this many passes over the calibration inputs (0: no training)."""
     time_budget_s: float = 60.0
+    """Training stops here even if epochs remain; the learning rate anneals over whichever bound is closer."""
     temperature: float = 4.0
     alpha: float = 0.9
+    """Weight of the soft (KL) term; ``1 - alpha`` weighs cross-entropy against the teacher's argmax."""
     lr: float = 1e-3
     batch_size: int = 64
     weight_decay: float = 0.0
     augment: bool = False
-    """Random translations of up to ``max_shift`` of the image size, drawn per image."""
+    """Random translations of up to ``max_shift`` of the image size, drawn per image; costs a teacher
+    forward per batch instead of teacher logits computed once."""
     max_shift: float = 0.08
     holdout_fraction: float = 0.1
     """Share of the inputs held back (never trained on) to measure agreement with the teacher."""
 
     def __post_init__(self) -> None:
-        check_kd_fields(
-            self.max_epochs, self.time_budget_s, self.temperature, self.alpha, self.lr, epochs_name="max_epochs"
-        )
+        check_int("epochs", self.epochs, 0)
+        check_float("time_budget_s", self.time_budget_s, 0.0, low_open=True)
+        check_float("temperature", self.temperature, 0.0, low_open=True)
+        check_float("alpha", self.alpha, 0.0, 1.0)
+        check_float("lr", self.lr, 0.0, low_open=True)
         check_int("batch_size", self.batch_size, 2)  # NOTE: BatchNorm cannot train on one sample
         check_float("weight_decay", self.weight_decay, 0.0)
+        if not isinstance(self.augment, bool):
+            raise ValueError(f"augment must be a bool, got {self.augment!r}")
         check_float("max_shift", self.max_shift, 0.0, 0.5, high_open=True)
         check_float("holdout_fraction", self.holdout_fraction, 0.0, 1.0, low_open=True, high_open=True)
+
+
+def check_distill_settings(name: str, value: object) -> None:
+    """For technique configs' ``__post_init__``: the nested block must already be built (``config_from_dict``
+    builds it from a JSON/YAML mapping)."""
+    if not isinstance(value, DistillSettings):
+        raise ValueError(f"{name} must be a DistillSettings (in a deploy config: a mapping), got {value!r}")
+
+
+PRUNING_FIELDS_MOVED = {
+    "finetune_epochs": "distillation.epochs",
+    "finetune_time_budget_s": "distillation.time_budget_s",
+    "temperature": "distillation.temperature",
+    "alpha": "distillation.alpha",
+    "lr": "distillation.lr",
+}
+"""The pruning configs' flat fields from before the ``distillation`` block, and where each went."""
 
 
 def kd_loss(
@@ -220,9 +190,9 @@ def _train(
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
     n = len(train_x)
     steps_per_epoch = math.ceil(n / settings.batch_size)
-    total_steps = max(1, settings.max_epochs * steps_per_epoch)
+    total_steps = max(1, settings.epochs * steps_per_epoch)
     step = 0
-    for epoch in range(1, settings.max_epochs + 1):
+    for epoch in range(1, settings.epochs + 1):
         student.train()
         perm = torch.randperm(n, generator=gen)
         loss_sum, seen, out_of_time = 0.0, 0, False
@@ -258,7 +228,7 @@ def _train(
             seen += len(idx)
         if seen:
             ctx.progress(
-                f"distill epoch {epoch}/{settings.max_epochs}: loss={loss_sum / seen:.4f} "
+                f"distill epoch {epoch}/{settings.epochs}: loss={loss_sum / seen:.4f} "
                 f"agreement={agreement(student, hold_x, hold_t):.2%} "
                 f"elapsed={time.perf_counter() - started:.1f}s"
             )

@@ -19,7 +19,12 @@ from torch import nn
 from compression.context import CompressionContext
 from compression.errors import TechniqueError, check_float, check_int
 from compression.techniques.analysis import count_macs, count_params
-from compression.techniques.distillation import DistillSettings, check_finetune_fields, distill, finetune_settings
+from compression.techniques.distillation import (
+    PRUNING_FIELDS_MOVED,
+    DistillSettings,
+    check_distill_settings,
+    distill,
+)
 from compression.techniques.registry import register
 
 # NOTE: with global pruning one layer could lose every channel; cap any single layer at 90%.
@@ -42,6 +47,9 @@ IMPORTANCES: dict[str, _Importance] = {
     "random": _Importance(lambda p: tp.importance.RandomImportance()),
 }
 
+CHANNEL_PRUNE_DISTILLATION = DistillSettings(epochs=10, time_budget_s=120.0, lr=2e-3)
+"""The recovery fine-tuning a ``channel_prune`` step runs unless its ``distillation`` block says otherwise."""
+
 
 @dataclass(frozen=True)
 class ChannelPruneConfig:
@@ -57,11 +65,9 @@ class ChannelPruneConfig:
     """Module names left unpruned; None = the final classifier layer, detected from the outputs."""
     round_to: int | None = None
     """Keep channel counts a multiple of this (SIMD-friendly widths)."""
-    finetune_epochs: int = 10
-    finetune_time_budget_s: float = 120.0
-    temperature: float = 4.0
-    alpha: float = 0.9
-    lr: float = 2e-3
+    distillation: DistillSettings = CHANNEL_PRUNE_DISTILLATION
+    """KD recovery from the original after pruning (``epochs: 0``: none)."""
+    moved_fields: ClassVar[dict[str, str]] = PRUNING_FIELDS_MOVED
 
     def __post_init__(self) -> None:
         check_float("ratio", self.ratio, 0.0, 1.0, low_open=True, high_open=True)
@@ -77,10 +83,7 @@ class ChannelPruneConfig:
             object.__setattr__(self, "ignored_layers", tuple(names))  # NOTE: JSON brings a list
         if self.round_to is not None:
             check_int("round_to", self.round_to, 1)
-        check_finetune_fields(self)
-
-    def distill_settings(self) -> DistillSettings:
-        return finetune_settings(self)
+        check_distill_settings("distillation", self.distillation)
 
 
 def find_classifier(model: nn.Module, example: torch.Tensor) -> str:
@@ -201,6 +204,6 @@ def apply_channel_prune(model: nn.Module, config: ChannelPruneConfig, ctx: Compr
     ctx.progress(
         f"channel_prune: params {params0} -> {params1}, MACs/image {macs0} -> {macs1} ({macs0 / macs1:.2f}x fewer)"
     )
-    if config.finetune_epochs > 0:
-        distill(pruned, ctx.teacher, ctx.calibration_inputs, config.distill_settings(), ctx)
+    if config.distillation.epochs > 0:
+        distill(pruned, ctx.teacher, ctx.calibration_inputs, config.distillation, ctx)
     return pruned.eval()

@@ -13,11 +13,14 @@ from torch import nn
 from compression.context import CompressionContext
 from compression.errors import TechniqueError
 from compression.techniques.analysis import count_params
-from compression.techniques.distillation import DistillSettings, check_kd_fields, distill
+from compression.techniques.distillation import DistillSettings, check_distill_settings, distill
 from compression.techniques.registry import register
 from compression.techniques.student_models import build_student, is_known_architecture
 
 _JSON_SCALARS = (str, int, float, bool, type(None))
+
+STUDENT_DISTILLATION = DistillSettings(epochs=30, time_budget_s=300.0, lr=5e-3)
+"""How a ``student`` step trains unless its ``distillation`` block says otherwise."""
 
 
 @dataclass(frozen=True)
@@ -30,13 +33,12 @@ class StudentConfig:
     # NOTE: hash=False keeps the frozen config hashable although a dict is not.
     arch_kwargs: dict[str, Any] = field(default_factory=dict, hash=False)
     weights_path: str | None = None
-    epochs: int = 30
-    time_budget_s: float = 300.0
-    temperature: float = 4.0
-    alpha: float = 0.9
-    lr: float = 5e-3
-    augment: bool = False
-    """Random shifts; costs a teacher forward per batch instead of teacher logits computed once."""
+    distillation: DistillSettings = STUDENT_DISTILLATION
+    """How the student learns from the teacher (ignored with ``weights_path``; ``epochs: 0``: untrained)."""
+    moved_fields: ClassVar[dict[str, str]] = {
+        name: f"distillation.{name}" for name in ("epochs", "time_budget_s", "temperature", "alpha", "lr", "augment")
+    }
+    """The flat fields from before the ``distillation`` block, and where each went."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.architecture, str) or not is_known_architecture(self.architecture):
@@ -52,19 +54,7 @@ class StudentConfig:
         path = self.weights_path
         if path is not None and (not isinstance(path, str) or not path):
             raise ValueError(f"weights_path must be a non-empty path string or None, got {path!r}")
-        if not isinstance(self.augment, bool):
-            raise ValueError(f"augment must be a bool, got {self.augment!r}")
-        check_kd_fields(self.epochs, self.time_budget_s, self.temperature, self.alpha, self.lr)
-
-    def distill_settings(self) -> DistillSettings:
-        return DistillSettings(
-            max_epochs=self.epochs,
-            time_budget_s=self.time_budget_s,
-            temperature=self.temperature,
-            alpha=self.alpha,
-            lr=self.lr,
-            augment=self.augment,
-        )
+        check_distill_settings("distillation", self.distillation)
 
 
 def _load_weights(student: nn.Module, path: str) -> None:
@@ -107,8 +97,8 @@ def apply_student(model: nn.Module, config: StudentConfig, ctx: CompressionConte
         raise TechniqueError(f"student output shape {tuple(out.shape)} does not match the teacher's classes")
     ratio = count_params(student) / max(1, count_params(teacher))
     ctx.progress(f"student {config.architecture}: {count_params(student)} params ({ratio:.1%} of the teacher)")
-    if config.weights_path is None and config.epochs > 0:
-        distill(student.to(ctx.device), teacher, ctx.calibration_inputs, config.distill_settings(), ctx)
+    if config.weights_path is None and config.distillation.epochs > 0:
+        distill(student.to(ctx.device), teacher, ctx.calibration_inputs, config.distillation, ctx)
     if not all(math.isfinite(float(p.detach().abs().sum())) for p in student.parameters()):
         raise TechniqueError("student weights are not finite after distillation (lr too high?)")
     return student.eval()

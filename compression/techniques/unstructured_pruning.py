@@ -18,8 +18,16 @@ from torch import nn
 from compression.context import CompressionContext
 from compression.errors import check_float
 from compression.techniques.analysis import prunable_weights, sparsity
-from compression.techniques.distillation import DistillSettings, check_finetune_fields, distill, finetune_settings
+from compression.techniques.distillation import (
+    PRUNING_FIELDS_MOVED,
+    DistillSettings,
+    check_distill_settings,
+    distill,
+)
 from compression.techniques.registry import register
+
+MAGNITUDE_PRUNE_DISTILLATION = DistillSettings(epochs=0, time_budget_s=60.0, lr=1e-3)
+"""No fine-tuning unless a ``magnitude_prune`` step's ``distillation`` block asks for epochs."""
 
 
 @dataclass(frozen=True)
@@ -28,19 +36,13 @@ class MagnitudePruneConfig:
 
     name: ClassVar[str] = "magnitude_prune"
     sparsity: float = 0.5
-    finetune_epochs: int = 0
-    """KD fine-tuning epochs after pruning; pruned weights stay exactly zero (gradients masked)."""
-    finetune_time_budget_s: float = 60.0
-    temperature: float = 4.0
-    alpha: float = 0.9
-    lr: float = 1e-3
+    distillation: DistillSettings = MAGNITUDE_PRUNE_DISTILLATION
+    """KD fine-tuning after pruning; pruned weights stay exactly zero (gradients masked)."""
+    moved_fields: ClassVar[dict[str, str]] = PRUNING_FIELDS_MOVED
 
     def __post_init__(self) -> None:
         check_float("sparsity", self.sparsity, 0.0, 1.0, low_open=True, high_open=True)
-        check_finetune_fields(self)
-
-    def distill_settings(self) -> DistillSettings:
-        return finetune_settings(self)
+        check_distill_settings("distillation", self.distillation)
 
 
 @torch.no_grad()
@@ -67,7 +69,7 @@ def apply_magnitude_prune(model: nn.Module, config: MagnitudePruneConfig, ctx: C
             w.mul_(keep)
             masks[w] = keep
     ctx.progress(f"magnitude_prune: threshold {threshold:.4g}, sparsity {sparsity(pruned):.2%}")
-    if config.finetune_epochs > 0:
+    if config.distillation.epochs > 0:
 
         def mask_gradients(student: nn.Module) -> None:
             # NOTE: zero gradient from the first step means Adam's moments stay zero there too, and
@@ -76,6 +78,6 @@ def apply_magnitude_prune(model: nn.Module, config: MagnitudePruneConfig, ctx: C
                 if param.grad is not None:
                     param.grad.mul_(keep)
 
-        distill(pruned, ctx.teacher, ctx.calibration_inputs, config.distill_settings(), ctx, before_step=mask_gradients)
+        distill(pruned, ctx.teacher, ctx.calibration_inputs, config.distillation, ctx, before_step=mask_gradients)
         ctx.progress(f"magnitude_prune: sparsity after fine-tuning {sparsity(pruned):.2%}")
     return pruned

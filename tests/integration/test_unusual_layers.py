@@ -25,12 +25,12 @@ EVERY_TECHNIQUE = [
     {"name": "int8-compiled", "realization": {"runtime": "inductor", "precision": "int8"}},
     {
         "name": "pruned",
-        "steps": [{"technique": "channel_prune", "ratio": 0.5, "finetune_epochs": 1}],
+        "steps": [{"technique": "channel_prune", "ratio": 0.5, "distillation": {"epochs": 1}}],
         "realization": {"runtime": "eager", "precision": "fp32"},
     },
     {
         "name": "student",
-        "steps": [{"technique": "student", "architecture": "depthwise_separable", "epochs": 1}],
+        "steps": [{"technique": "student", "architecture": "depthwise_separable", "distillation": {"epochs": 1}}],
         "realization": {"runtime": "onnxruntime", "precision": "fp32"},
     },
     {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -19,10 +20,10 @@ from compression.techniques.clipping import WeightClipConfig
 from compression.techniques.clustering import WeightClusterConfig, kmeans_1d
 from compression.techniques.distillation import DistillSettings, agreement, distill, logits_of
 from compression.techniques.registry import apply, config_from_dict, config_to_dict
-from compression.techniques.structured_pruning import ChannelPruneConfig, find_classifier
-from compression.techniques.student import StudentConfig
+from compression.techniques.structured_pruning import CHANNEL_PRUNE_DISTILLATION, ChannelPruneConfig, find_classifier
+from compression.techniques.student import STUDENT_DISTILLATION, StudentConfig
 from compression.techniques.student_models import DepthwiseSeparableNet, build_student
-from compression.techniques.unstructured_pruning import MagnitudePruneConfig
+from compression.techniques.unstructured_pruning import MAGNITUDE_PRUNE_DISTILLATION, MagnitudePruneConfig
 
 NUM_CLASSES = 5
 
@@ -110,6 +111,22 @@ def _state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
+def _prune_kd(**changes: object) -> DistillSettings:
+    """channel_prune's default distillation block with ``changes``."""
+    return dataclasses.replace(CHANNEL_PRUNE_DISTILLATION, **changes)  # type: ignore[arg-type]
+
+
+def _sparse_kd(**changes: object) -> DistillSettings:
+    return dataclasses.replace(MAGNITUDE_PRUNE_DISTILLATION, **changes)  # type: ignore[arg-type]
+
+
+def _student_kd(**changes: object) -> DistillSettings:
+    return dataclasses.replace(STUDENT_DISTILLATION, **changes)  # type: ignore[arg-type]
+
+
+NO_PRUNE_KD = _prune_kd(epochs=0)
+
+
 # -- configs ---------------------------------------------------------------------------------------
 
 NON_DEFAULT_CONFIGS = [
@@ -121,25 +138,16 @@ NON_DEFAULT_CONFIGS = [
         global_pruning=True,
         ignored_layers=("head",),
         round_to=4,
-        finetune_epochs=2,
-        finetune_time_budget_s=5.0,
-        temperature=2.0,
-        alpha=0.5,
-        lr=0.01,
+        distillation=_prune_kd(epochs=2, time_budget_s=5.0, temperature=2.0, alpha=0.5, lr=0.01),
     ),
-    MagnitudePruneConfig(sparsity=0.8, finetune_epochs=1, finetune_time_budget_s=3.0),
+    MagnitudePruneConfig(sparsity=0.8, distillation=_sparse_kd(epochs=1, time_budget_s=3.0)),
     WeightClusterConfig(bits=3, iterations=5, min_elements=64),
     WeightClipConfig(percentile=None, k_std=3.0),
     StudentConfig(
         architecture="digits",
         arch_kwargs={"width": 8},
         weights_path="/tmp/x.pt",
-        epochs=3,
-        time_budget_s=10.0,
-        temperature=3.0,
-        alpha=0.7,
-        lr=0.002,
-        augment=False,
+        distillation=_student_kd(epochs=3, time_budget_s=10.0, temperature=3.0, alpha=0.7, lr=0.002, augment=False),
     ),
 ]
 
@@ -159,12 +167,13 @@ BAD_CONFIGS = [
     (ChannelPruneConfig, {"norm": 3}, "norm"),
     (ChannelPruneConfig, {"ignored_layers": "head"}, "ignored_layers"),
     (ChannelPruneConfig, {"round_to": 0}, "round_to"),
-    (ChannelPruneConfig, {"finetune_epochs": -1}, "finetune_epochs"),
-    (ChannelPruneConfig, {"alpha": 1.5}, "alpha"),
-    (ChannelPruneConfig, {"temperature": 0}, "temperature"),
-    (ChannelPruneConfig, {"finetune_time_budget_s": 0}, "finetune_time_budget_s"),
+    (ChannelPruneConfig, {"distillation": {"epochs": -1}}, "distillation: epochs"),
+    (ChannelPruneConfig, {"distillation": {"alpha": 1.5}}, "distillation: alpha"),
+    (ChannelPruneConfig, {"distillation": {"temperature": 0}}, "distillation: temperature"),
+    (ChannelPruneConfig, {"distillation": {"time_budget_s": 0}}, "distillation: time_budget_s"),
+    (ChannelPruneConfig, {"distillation": 10}, "distillation must be"),
     (MagnitudePruneConfig, {"sparsity": 1.0}, "sparsity"),
-    (MagnitudePruneConfig, {"lr": -1.0}, "lr"),
+    (MagnitudePruneConfig, {"distillation": {"lr": -1.0}}, "distillation: lr"),
     (WeightClusterConfig, {"bits": 0}, "bits"),
     (WeightClusterConfig, {"bits": 9}, "bits"),
     (WeightClusterConfig, {"iterations": 0}, "iterations"),
@@ -174,15 +183,17 @@ BAD_CONFIGS = [
     (WeightClipConfig, {"percentile": None, "k_std": -1.0}, "k_std"),
     (StudentConfig, {"architecture": "no_such_net"}, "architecture"),
     (StudentConfig, {"arch_kwargs": {"width": [1, 2]}}, "arch_kwargs"),
-    (StudentConfig, {"epochs": 1.5}, "epochs"),
+    (StudentConfig, {"distillation": {"epochs": 1.5}}, "distillation: epochs"),
+    (StudentConfig, {"distillation": {"augment": "yes"}}, "distillation: augment"),
     (StudentConfig, {"weights_path": ""}, "weights_path"),
 ]
 
 
 @pytest.mark.parametrize(("config_type", "fields", "message"), BAD_CONFIGS)
 def test_bad_config_values_raise_value_error(config_type: type, fields: dict, message: str) -> None:
+    # NOTE: through config_from_dict, as a deploy config's step arrives (nested blocks as mappings).
     with pytest.raises(ValueError, match=message):
-        config_type(**fields)
+        config_from_dict({"technique": config_type.name, **fields})  # type: ignore[attr-defined]
 
 
 def test_unknown_technique_name_is_rejected() -> None:
@@ -190,15 +201,105 @@ def test_unknown_technique_name_is_rejected() -> None:
         config_from_dict({"technique": "nope"})
 
 
+# -- the distillation block: one nested config for every technique that trains --------------------
+
+TRAINING_CONFIGS = [
+    ChannelPruneConfig(ratio=0.4, distillation=_prune_kd(epochs=3, lr=0.005, batch_size=32, augment=True)),
+    MagnitudePruneConfig(sparsity=0.6, distillation=_sparse_kd(epochs=2, time_budget_s=7.5, weight_decay=1e-4)),
+    StudentConfig(distillation=_student_kd(epochs=4, temperature=2.0, alpha=0.6, max_shift=0.1, holdout_fraction=0.2)),
+]
+
+
+def test_each_training_technique_keeps_its_own_defaults() -> None:
+    """The defaults the flat fields had, now as each technique's distillation block."""
+    assert ChannelPruneConfig().distillation == DistillSettings(
+        epochs=10, time_budget_s=120.0, temperature=4.0, alpha=0.9, lr=2e-3
+    )
+    assert MagnitudePruneConfig().distillation == DistillSettings(
+        epochs=0, time_budget_s=60.0, temperature=4.0, alpha=0.9, lr=1e-3
+    )
+    assert StudentConfig().distillation == DistillSettings(
+        epochs=30, time_budget_s=300.0, temperature=4.0, alpha=0.9, lr=5e-3, augment=False
+    )
+
+
+@pytest.mark.parametrize("config", TRAINING_CONFIGS, ids=lambda c: c.name)
+def test_distillation_block_round_trips_nested(config: object) -> None:
+    data = config_to_dict(config)
+    assert data["distillation"] == dataclasses.asdict(config.distillation)  # type: ignore[attr-defined]
+    assert config_from_dict(data) == config
+    again = config_from_dict(json.loads(json.dumps(data)))
+    assert again == config and hash(again) == hash(config)
+    assert isinstance(again.distillation, DistillSettings)
+
+
+@pytest.mark.parametrize(
+    ("technique", "default"),
+    [
+        ("channel_prune", CHANNEL_PRUNE_DISTILLATION),
+        ("magnitude_prune", MAGNITUDE_PRUNE_DISTILLATION),
+        ("student", STUDENT_DISTILLATION),
+    ],
+)
+def test_a_partial_distillation_block_overrides_only_what_it_names(technique: str, default: DistillSettings) -> None:
+    config = config_from_dict({"technique": technique, "distillation": {"epochs": 3}})
+    assert config.distillation == dataclasses.replace(default, epochs=3)
+    assert config_from_dict({"technique": technique}).distillation == default
+    assert config_from_dict({"technique": technique, "distillation": {}}).distillation == default
+
+
+@pytest.mark.parametrize(
+    ("step", "message"),
+    [
+        (
+            {"technique": "channel_prune", "ratio": 0.5, "finetune_epochs": 100},
+            "channel_prune: finetune_epochs moved into a nested block: write distillation: {epochs: 100}",
+        ),
+        (
+            {"technique": "channel_prune", "finetune_time_budget_s": 30.0, "lr": 0.003},
+            "write distillation: {time_budget_s: 30.0, lr: 0.003}",
+        ),
+        ({"technique": "magnitude_prune", "finetune_epochs": 3}, "write distillation: {epochs: 3}"),
+        ({"technique": "magnitude_prune", "temperature": 2.0}, "write distillation: {temperature: 2.0}"),
+        ({"technique": "magnitude_prune", "alpha": 0.5}, "write distillation: {alpha: 0.5}"),
+        (
+            {"technique": "student", "epochs": 1, "time_budget_s": 9.0, "augment": True},
+            "student: epochs, time_budget_s, augment moved into a nested block: "
+            "write distillation: {epochs: 1, time_budget_s: 9.0, augment: true}",
+        ),
+    ],
+)
+def test_old_flat_fields_name_the_nested_field(step: dict, message: str) -> None:
+    with pytest.raises(ValueError) as caught:
+        config_from_dict(step)
+    assert message in str(caught.value)
+
+
+def test_unknown_key_in_the_distillation_block_is_rejected() -> None:
+    with pytest.raises(
+        ValueError, match=r"channel_prune: unknown field\(s\) in distillation: steps, max_epochs \(known: epochs"
+    ):
+        config_from_dict({"technique": "channel_prune", "distillation": {"epochs": 2, "steps": 100, "max_epochs": 1}})
+
+
+def test_distill_settings_validate_themselves() -> None:
+    with pytest.raises(ValueError, match="batch_size"):
+        DistillSettings(batch_size=1)
+    with pytest.raises(ValueError, match="holdout_fraction"):
+        DistillSettings(holdout_fraction=1.0)
+    with pytest.raises(ValueError, match="distillation must be"):
+        ChannelPruneConfig(distillation={"epochs": 1})  # type: ignore[arg-type]
+
+
 # -- every technique: a new model, the input untouched ---------------------------------------------
 
 FAST_CONFIGS = [
     BnFoldConfig(),
-    ChannelPruneConfig(ratio=0.5, finetune_epochs=1),
-    MagnitudePruneConfig(sparsity=0.5, finetune_epochs=1),
+    ChannelPruneConfig(ratio=0.5, distillation=_prune_kd(epochs=1)),
+    MagnitudePruneConfig(sparsity=0.5, distillation=_sparse_kd(epochs=1)),
     WeightClusterConfig(bits=2, min_elements=16),
     WeightClipConfig(percentile=90.0),
-    StudentConfig(arch_kwargs={"depth": 2, "base_width": 8}, epochs=1, augment=True),
+    StudentConfig(arch_kwargs={"depth": 2, "base_width": 8}, distillation=_student_kd(epochs=1, augment=True)),
 ]
 
 
@@ -278,7 +379,7 @@ def test_sizes_and_sparsity() -> None:
 def test_channel_prune_removes_channels_physically(importance: str) -> None:
     model = _tiny()
     ctx = _ctx(model)
-    pruned = apply(model, ChannelPruneConfig(ratio=0.5, importance=importance, finetune_epochs=0), ctx)
+    pruned = apply(model, ChannelPruneConfig(ratio=0.5, importance=importance, distillation=NO_PRUNE_KD), ctx)
     assert pruned.stem[0].out_channels == 8
     assert pruned.dw[0].in_channels == pruned.dw[0].out_channels == pruned.dw[0].groups == 8
     assert pruned.pw[0].out_channels == 16
@@ -295,7 +396,7 @@ def test_channel_prune_removes_channels_physically(importance: str) -> None:
 def test_channel_prune_global_and_round_to() -> None:
     model = _tiny()
     pruned = apply(
-        model, ChannelPruneConfig(ratio=0.5, global_pruning=True, round_to=4, finetune_epochs=0), _ctx(model)
+        model, ChannelPruneConfig(ratio=0.5, global_pruning=True, round_to=4, distillation=NO_PRUNE_KD), _ctx(model)
     )
     convs = [m for m in pruned.modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))]
     assert all(c.out_channels % 4 == 0 for c in convs)
@@ -309,7 +410,7 @@ def trained_tiny() -> TinyNet:
     teacher = PooledLinear().eval()
     student = TinyNet()
     ctx = _ctx(teacher, n=512)
-    return distill(student, teacher, ctx.calibration_inputs, DistillSettings(max_epochs=15, lr=1e-2), ctx)
+    return distill(student, teacher, ctx.calibration_inputs, DistillSettings(epochs=15, lr=1e-2), ctx)
 
 
 def test_channel_prune_finetune_recovers_agreement(trained_tiny: TinyNet) -> None:
@@ -317,8 +418,8 @@ def test_channel_prune_finetune_recovers_agreement(trained_tiny: TinyNet) -> Non
     held_out = torch.randn(256, 3, 16, 16, generator=torch.Generator().manual_seed(7))
     teacher_logits = logits_of(trained_tiny, held_out, torch.device("cpu"))
     assert teacher_logits.argmax(1).unique().numel() >= 3
-    no_ft = apply(trained_tiny, ChannelPruneConfig(ratio=0.5, finetune_epochs=0), ctx)
-    ft = apply(trained_tiny, ChannelPruneConfig(ratio=0.5, finetune_epochs=8, lr=3e-3), ctx)
+    no_ft = apply(trained_tiny, ChannelPruneConfig(ratio=0.5, distillation=NO_PRUNE_KD), ctx)
+    ft = apply(trained_tiny, ChannelPruneConfig(ratio=0.5, distillation=_prune_kd(epochs=8, lr=3e-3)), ctx)
     assert agreement(ft, held_out, teacher_logits) > agreement(no_ft, held_out, teacher_logits) + 0.1
 
 
@@ -345,11 +446,11 @@ class ReshapeNet(nn.Module):
 def test_channel_prune_raises_technique_error_naming_the_layer() -> None:
     model = ReshapeNet().eval()
     with pytest.raises(TechniqueError, match="c1"):
-        apply(model, ChannelPruneConfig(finetune_epochs=0), _ctx(model))
+        apply(model, ChannelPruneConfig(distillation=NO_PRUNE_KD), _ctx(model))
     with pytest.raises(TechniqueError, match="bn_scale"):
-        apply(model, ChannelPruneConfig(importance="bn_scale", finetune_epochs=0), _ctx(model))
+        apply(model, ChannelPruneConfig(importance="bn_scale", distillation=NO_PRUNE_KD), _ctx(model))
     with pytest.raises(TechniqueError, match="nope"):
-        apply(model, ChannelPruneConfig(ignored_layers=("nope",), finetune_epochs=0), _ctx(model))
+        apply(model, ChannelPruneConfig(ignored_layers=("nope",), distillation=NO_PRUNE_KD), _ctx(model))
 
 
 # -- unstructured pruning ----------------------------------------------------------------------------
@@ -360,7 +461,7 @@ def test_magnitude_prune_reaches_sparsity_and_keeps_zeros_through_finetuning() -
     ctx = _ctx(model)
     pruned = apply(model, MagnitudePruneConfig(sparsity=0.7), ctx)
     assert 0.7 <= sparsity(pruned) < 0.71
-    tuned = apply(model, MagnitudePruneConfig(sparsity=0.7, finetune_epochs=2, lr=1e-2), ctx)
+    tuned = apply(model, MagnitudePruneConfig(sparsity=0.7, distillation=_sparse_kd(epochs=2, lr=1e-2)), ctx)
     assert 0.7 <= sparsity(tuned) < 0.71
     for a, b in zip(pruned.parameters(), tuned.parameters()):
         assert torch.equal(a == 0, b == 0) or a.ndim == 1  # same zeros in every weight tensor
@@ -438,7 +539,7 @@ def test_distill_respects_time_budget_and_is_seeded() -> None:
     teacher = _tiny()
     lines: list[str] = []
     ctx = _ctx(teacher, n=128, lines=lines)
-    settings = DistillSettings(max_epochs=1000, time_budget_s=1.0, batch_size=16)
+    settings = DistillSettings(epochs=1000, time_budget_s=1.0, batch_size=16)
     distill(
         DepthwiseSeparableNet(3, NUM_CLASSES, depth=2, base_width=8), teacher, ctx.calibration_inputs, settings, ctx
     )
@@ -446,7 +547,7 @@ def test_distill_respects_time_budget_and_is_seeded() -> None:
     # long before its 1000 epochs.
     assert "stopped by time budget" in lines[-1]
     assert len(lines) < 500
-    two_epochs = DistillSettings(max_epochs=2, time_budget_s=60.0, batch_size=16, augment=True)
+    two_epochs = DistillSettings(epochs=2, time_budget_s=60.0, batch_size=16, augment=True)
     runs = []
     for _ in range(2):
         torch.manual_seed(123)
@@ -466,7 +567,7 @@ def test_distill_reports_one_line_per_epoch_and_improves_agreement() -> None:
     x = ctx.calibration_inputs
     t = logits_of(teacher, x, torch.device("cpu"))
     before = agreement(student, x, t)
-    distill(student, teacher, x, DistillSettings(max_epochs=12, lr=1e-2, batch_size=32), ctx)
+    distill(student, teacher, x, DistillSettings(epochs=12, lr=1e-2, batch_size=32), ctx)
     assert len(lines) == 12 and all("agreement=" in line and "elapsed=" in line for line in lines)
     assert t.argmax(1).unique().numel() >= 3  # the task is not trivial
     assert agreement(student, x, t) > max(before + 0.2, 0.6)
@@ -493,7 +594,7 @@ def test_student_loads_predistilled_weights(tmp_path) -> None:  # type: ignore[n
     teacher = _tiny()
     ctx = _ctx(teacher)
     kwargs = {"depth": 2, "base_width": 8}
-    trained = apply(teacher, StudentConfig(arch_kwargs=kwargs, epochs=1), ctx)
+    trained = apply(teacher, StudentConfig(arch_kwargs=kwargs, distillation=_student_kd(epochs=1)), ctx)
     path = tmp_path / "student.pt"
     torch.save(trained.state_dict(), path)
     loaded = apply(teacher, StudentConfig(arch_kwargs=kwargs, weights_path=str(path)), ctx)

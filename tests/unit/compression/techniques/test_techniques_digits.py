@@ -20,6 +20,7 @@ from compression.techniques.analysis import compressed_bytes, count_macs, count_
 from compression.techniques.bn_folding import BnFoldConfig
 from compression.techniques.clipping import WeightClipConfig
 from compression.techniques.clustering import WeightClusterConfig
+from compression.techniques.distillation import DistillSettings
 from compression.techniques.registry import apply
 from compression.techniques.structured_pruning import ChannelPruneConfig
 from compression.techniques.student import StudentConfig
@@ -67,7 +68,7 @@ def _run(model: nn.Module, config: object, ctx: CompressionContext) -> tuple[nn.
 def test_half_the_channels_pruned_then_distilled_stays_within_one_point(
     teacher: nn.Module, teacher_accuracy: float, ctx: CompressionContext
 ) -> None:
-    config = ChannelPruneConfig(ratio=0.5, finetune_epochs=6, finetune_time_budget_s=90.0, lr=2e-3)
+    config = ChannelPruneConfig(ratio=0.5, distillation=DistillSettings(epochs=6, time_budget_s=90.0, lr=2e-3))
     pruned, accuracy, seconds = _run(teacher, config, ctx)
     _report("channel_prune 50% + KD", pruned, teacher, accuracy, teacher_accuracy, seconds)
     x = ctx.example_inputs
@@ -78,7 +79,9 @@ def test_half_the_channels_pruned_then_distilled_stays_within_one_point(
 def test_student_with_a_quarter_of_the_parameters_stays_within_two_points(
     teacher: nn.Module, teacher_accuracy: float, ctx: CompressionContext
 ) -> None:
-    config = StudentConfig(architecture="depthwise_separable", epochs=25, time_budget_s=90.0, lr=5e-3)
+    config = StudentConfig(
+        architecture="depthwise_separable", distillation=DistillSettings(epochs=25, time_budget_s=90.0, lr=5e-3)
+    )
     student, accuracy, seconds = _run(teacher, config, ctx)
     _report("depthwise-separable student", student, teacher, accuracy, teacher_accuracy, seconds)
     assert count_params(student) * 4 <= count_params(teacher)
@@ -88,7 +91,7 @@ def test_student_with_a_quarter_of_the_parameters_stays_within_two_points(
 def test_eighty_percent_sparsity_shrinks_compressed_size(
     teacher: nn.Module, teacher_accuracy: float, ctx: CompressionContext
 ) -> None:
-    config = MagnitudePruneConfig(sparsity=0.8, finetune_epochs=3, finetune_time_budget_s=60.0, lr=1e-3)
+    config = MagnitudePruneConfig(sparsity=0.8, distillation=DistillSettings(epochs=3, time_budget_s=60.0, lr=1e-3))
     pruned, accuracy, seconds = _run(teacher, config, ctx)
     _report("magnitude_prune 80% + KD", pruned, teacher, accuracy, teacher_accuracy, seconds)
     assert sparsity(pruned) >= 0.8
