@@ -1,6 +1,10 @@
 """Prometheus metrics, labelled by ``model`` and ``variant`` so original and compressed compare side by side.
 
-Collectors live in an injected ``CollectorRegistry`` (one per server), never in the global one.
+Collectors live in an injected ``CollectorRegistry`` (one per server), never in the global one. The
+exposition passes ``promtool check metrics`` with no finding (tests/integration/test_metrics_lint.py):
+a label called ``quantile`` is for summaries only, so the deploy-time latency percentiles are gauges
+of their own (``..._p50_seconds``, ``..._p95_seconds``). Counters and histograms export no ``<name>_created``
+series (see :class:`ServerMetrics`).
 """
 
 from __future__ import annotations
@@ -10,7 +14,16 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    ProcessCollector,
+    disable_created_metrics,
+    start_http_server,
+)
 
 from compression.search.settings import CompressionSettings
 from server.batching.batcher import BatchRecord
@@ -24,9 +37,20 @@ PAIR = ("model", "variant", "shadow_variant")
 
 
 class ServerMetrics:
+    """Every slimserve series, on ``registry`` (a new one by default).
+
+    NOTE: prometheus_client's ``<name>_created`` series (the time a labelled counter or histogram was
+    first used) carry nothing here: a restart shows as the counters' reset and as
+    ``process_start_time_seconds``, exported below. They are switched off with
+    ``disable_created_metrics()``, a process-wide setting read at each scrape, as is the
+    ``PROMETHEUS_DISABLE_CREATED_SERIES`` variable that sets it.
+    """
+
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        disable_created_metrics()
         self.registry = registry or CollectorRegistry()
         r = self.registry
+        ProcessCollector(registry=r)  # process_start_time_seconds, CPU, memory, open fds (Linux /proc)
         self.requests = Counter(
             "slimserve_requests",
             "Inference requests by outcome (gRPC status code name).",
@@ -174,13 +198,14 @@ class DeployFigures:
     """
 
     def __init__(self, registry: CollectorRegistry) -> None:
-        def gauge(name: str, doc: str, extra: tuple[str, ...] = ()) -> Gauge:
-            return Gauge(name, doc, [*VARIANT, *extra], registry=registry)
+        def gauge(name: str, doc: str) -> Gauge:
+            return Gauge(name, doc, VARIANT, registry=registry)
 
-        self.latency = gauge(
-            "slimserve_deploy_latency_seconds",
-            "Latency measured by the search at the budget's batch size, by quantile (0.5, 0.95).",
-            ("quantile",),
+        self.latency_p50 = gauge(
+            "slimserve_deploy_latency_p50_seconds", "Median latency the search measured at the budget's batch size."
+        )
+        self.latency_p95 = gauge(
+            "slimserve_deploy_latency_p95_seconds", "p95 latency the search measured at the budget's batch size."
         )
         self.top1 = gauge("slimserve_deploy_top1_ratio", "Top-1 accuracy on the held-out validation split.")
         self.top1_drop = gauge("slimserve_deploy_top1_drop_ratio", "Top-1 of the original minus this variant's.")
@@ -193,10 +218,10 @@ class DeployFigures:
         self.info = Info(
             "slimserve_deploy_variant", "The chain of techniques of each variant.", VARIANT, registry=registry
         )
-        self.budget_latency = Gauge(
-            "slimserve_budget_latency_seconds",
-            "The deploy config's latency budget (p95 at the budget's batch size).",
-            ["model", "quantile"],
+        self.budget_latency_p95 = Gauge(
+            "slimserve_budget_latency_p95_seconds",
+            "The deploy config's latency budget: the largest allowed p95 at the budget's batch size.",
+            ["model"],
             registry=registry,
         )
         self.budget_top1_drop = Gauge(
@@ -215,7 +240,7 @@ class DeployFigures:
     def record_budget(self, model: str, compression: CompressionSettings) -> None:
         budget = compression.budget
         if budget.max_latency_ms is not None:
-            self.budget_latency.labels(model, "0.95").set(budget.max_latency_ms / 1000)
+            self.budget_latency_p95.labels(model).set(budget.max_latency_ms / 1000)
         if budget.max_accuracy_drop is not None:
             self.budget_top1_drop.labels(model).set(budget.max_accuracy_drop / 100)
         if budget.min_agreement is not None:
@@ -223,20 +248,20 @@ class DeployFigures:
 
     def record(self, model: str, variant: str, figures: object) -> None:
         """``figures`` is a ``compression.search.runner.VariantReport``; missing figures leave no series."""
-        values = {
-            (self.top1, ()): getattr(figures, "top1", None),
-            (self.agreement, ()): getattr(figures, "agreement", None),
-            (self.parameters, ()): getattr(figures, "params", None),
-            (self.macs, ()): getattr(figures, "macs", None),
-            (self.size, ()): getattr(figures, "size_bytes", None),
-            (self.latency, ("0.5",)): _ms_to_s(getattr(figures, "latency_p50_ms", None)),
-            (self.latency, ("0.95",)): _ms_to_s(getattr(figures, "latency_p95_ms", None)),
-        }
         drop = getattr(figures, "top1_drop", None)
-        values[(self.top1_drop, ())] = None if drop is None else drop / 100
-        for (gauge, extra), value in values.items():
+        values = {
+            self.top1: getattr(figures, "top1", None),
+            self.agreement: getattr(figures, "agreement", None),
+            self.parameters: getattr(figures, "params", None),
+            self.macs: getattr(figures, "macs", None),
+            self.size: getattr(figures, "size_bytes", None),
+            self.latency_p50: _ms_to_s(getattr(figures, "latency_p50_ms", None)),
+            self.latency_p95: _ms_to_s(getattr(figures, "latency_p95_ms", None)),
+            self.top1_drop: None if drop is None else drop / 100,
+        }
+        for gauge, value in values.items():
             if value is not None:
-                gauge.labels(model, variant, *extra).set(value)
+                gauge.labels(model, variant).set(value)
         self.info.labels(model, variant).info({"techniques": " -> ".join(getattr(figures, "techniques", []))})
 
 

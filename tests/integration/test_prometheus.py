@@ -156,12 +156,12 @@ def test_both_variants_have_live_and_deploy_series(loaded: Any) -> None:
     assert set(latency) == {"original", CHOSEN} and all(0 < v < 1 for v in latency.values())
     throughput = by_variant(loaded.instant("model_variant:slimserve_inferences:rate1m"))
     assert set(throughput) == {"original", CHOSEN} and all(v > 0 for v in throughput.values())
-    p95 = by_variant(loaded.instant('slimserve_deploy_latency_seconds{quantile="0.95"}'))
+    p95 = by_variant(loaded.instant("slimserve_deploy_latency_p95_seconds"))
     assert set(p95) == {"original", CHOSEN}
 
 
 def test_recording_rules_compare_the_variants(loaded: Any) -> None:
-    p95 = by_variant(loaded.instant('slimserve_deploy_latency_seconds{quantile="0.95"}'))
+    p95 = by_variant(loaded.instant("slimserve_deploy_latency_p95_seconds"))
     size = by_variant(loaded.instant("slimserve_deploy_size_bytes"))
     (speedup,) = loaded.instant("model:slimserve_deploy_speedup:ratio")
     assert float(speedup["value"][1]) == pytest.approx(p95["original"] / p95[CHOSEN], rel=1e-6)
