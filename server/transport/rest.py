@@ -19,8 +19,9 @@ from typing import Any
 
 import grpc
 from aiohttp import BodyPartReader, web
+from aiohttp.web_protocol import RequestPayloadError
 
-from protos.errors import ServingError, Unavailable
+from protos.errors import InvalidArgument, ServingError, Unavailable
 from server.config.settings import ServerSettings
 from server.dataplane import DataPlane, RequestTrack, status_for
 from server.transport import kserve_views as views
@@ -150,7 +151,7 @@ class RestEndpoint:
 
         async def run(track: RequestTrack) -> web.Response:
             self.plane.registry.get(name).resolve(version)  # NOTE: an unknown model is a 404 whatever the body
-            body = await request.read()
+            body = await _body(request)
             parsed = parse_infer_request(body, request.headers.get(INFERENCE_HEADER), name, version)
             response = await infer(self.plane, parsed.request, track)
             payload, header_length = infer_response_body(response, parsed)
@@ -166,9 +167,10 @@ class RestEndpoint:
 
         async def run(track: RequestTrack) -> web.Response:
             if request.content_type.startswith("multipart/"):
-                message = await _multipart_classify(request, name, version)
+                limit = self.plane.registry.get(name).settings.max_images_per_request  # NOTE: unknown model: 404
+                message = await _multipart_classify(request, name, version, self._settings.max_message_bytes, limit)
             elif request.content_type in ("application/json", "application/octet-stream") or not request.body_exists:
-                message = parse_classify_json(await request.read(), name, version)
+                message = parse_classify_json(await _body(request), name, version)
             else:
                 raise ServingError(
                     f"unsupported Content-Type {request.content_type!r}: send multipart/form-data image files or "
@@ -250,17 +252,46 @@ def _too_large(limit: int) -> str:
     return f"request body exceeds the limit of {limit} bytes (server.max_message_bytes)"
 
 
-async def _multipart_classify(request: web.Request, name: str, version: str) -> Any:
-    """Each file part is an image; a field named ``top_k`` sets k."""
+async def _multipart_classify(request: web.Request, name: str, version: str, max_bytes: int, max_images: int) -> Any:
+    """Each file part is an image; a field named ``top_k`` sets k.
+
+    The whole body is held to ``max_bytes`` (aiohttp's ``client_max_size`` bounds each part alone, so many
+    parts could add up to any size), reading stops at image ``max_images + 1``, and a body aiohttp cannot
+    parse (no boundary, truncated, nested multipart) is the client's error, not the server's."""
     images: list[bytes] = []
     top_k: object = 0
-    reader = await request.multipart()
-    while (part := await reader.next()) is not None:
-        if not isinstance(part, BodyPartReader):
-            continue
-        data = await part.read()
-        if part.name == "top_k" and part.filename is None:
-            top_k = bytes(data).decode(errors="replace").strip()
-        else:
-            images.append(bytes(data))
+    try:
+        reader = await request.multipart()
+        while (part := await reader.next()) is not None:
+            if not isinstance(part, BodyPartReader):
+                raise InvalidArgument("nested multipart bodies are not supported: send each image as its own part")
+            data = bytearray()
+            while not part.at_eof():
+                data.extend(await part.read_chunk())
+                if request.content.total_bytes > max_bytes:
+                    raise web.HTTPRequestEntityTooLarge(max_size=max_bytes, actual_size=request.content.total_bytes)
+            if part.name == "top_k" and part.filename is None:
+                top_k = bytes(data).decode(errors="replace").strip()
+            elif len(images) == max_images:
+                raise InvalidArgument(f"more than {max_images} images in one request; the limit is {max_images}")
+            else:
+                images.append(bytes(data))
+    except ValueError as exc:  # NOTE: aiohttp's multipart parser reports malformed input as ValueError
+        raise InvalidArgument(f"malformed multipart body: {exc}") from None
+    except RequestPayloadError as exc:
+        raise _unreadable(exc) from None
     return classify_request(name, version, images, top_k)
+
+
+async def _body(request: web.Request) -> bytes:
+    """The whole body (at most ``client_max_size`` bytes, else 413)."""
+    try:
+        return await request.read()
+    except RequestPayloadError as exc:
+        raise _unreadable(exc) from None
+
+
+def _unreadable(exc: RequestPayloadError) -> InvalidArgument:
+    """A body that cannot be read as sent (bad gzip or deflate data, broken chunked encoding) is the client's
+    error: aiohttp's parser error is the cause, with the message."""
+    return InvalidArgument(f"cannot read the request body: {getattr(exc.__cause__, 'message', None) or exc}")

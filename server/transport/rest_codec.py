@@ -4,7 +4,8 @@ A JSON (and Triton binary tensor extension) request becomes the ``ModelInferRequ
 would have sent, and the ``ModelInferResponse`` becomes JSON (plus binary tensors where asked): parsing,
 validation and error messages are those of ``kserve_codec``. Binary extension: the body is the JSON
 header (``Inference-Header-Content-Length`` bytes) followed by each tensor whose ``parameters`` carry
-``binary_data_size``, in order.
+``binary_data_size``, in order. Whatever a client sends, parsing returns or raises InvalidArgument (a 400),
+never another exception (a 500): tests/unit/server/transport/test_fuzz_parsing.py fuzzes it.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ BINARY_DATA_SIZE = "binary_data_size"
 BINARY_DATA_OUTPUT = "binary_data_output"
 """Request parameter: send every output as binary (what ``tritonclient.http`` asks when it names none)."""
 _REST_ONLY_PARAMETERS = {BINARY_DATA, BINARY_DATA_SIZE, BINARY_DATA_OUTPUT}
+_BINARY_ONLY_TYPES = {"FP16", "BF16", "BYTES"}
+"""v2 datatypes a JSON request cannot carry as numbers in 'data' (Triton's HTTP endpoint refuses them too)."""
 _INT64_TYPES = {
     FieldDescriptor.TYPE_INT64,
     FieldDescriptor.TYPE_UINT64,
@@ -55,7 +58,8 @@ def parse_infer_request(body: bytes, header_length: str | None, model: str, vers
     """The HTTP body of ``POST .../infer`` as a ``ModelInferRequest``; InvalidArgument says what is wrong."""
     json_end = _header_length(header_length, len(body))
     header = _json_object(body[:json_end], "inference request")
-    request = pb.ModelInferRequest(model_name=model, model_version=version, id=str(header.get("id", "")))
+    request_id = _string(header.get("id", ""), "the request 'id'")
+    request = pb.ModelInferRequest(model_name=model, model_version=version, id=request_id)
     inputs = header.get("inputs")
     if not isinstance(inputs, list) or not inputs:
         raise InvalidArgument("the inference request needs a non-empty 'inputs' list")
@@ -164,10 +168,10 @@ def _json_value(value: Any, field: FieldDescriptor) -> Any:
 def _header_length(value: str | None, body_length: int) -> int:
     if value is None:
         return body_length
-    try:
-        length = int(value)
-    except ValueError:
-        raise InvalidArgument(f"{INFERENCE_HEADER} must be an integer, got {reprlib.repr(value)}") from None
+    # NOTE: ASCII digits only, as HTTP's own Content-Length (int() would also take " 3", "+3", "1_0", "٣").
+    if not (value.isascii() and value.isdigit()):
+        raise InvalidArgument(f"{INFERENCE_HEADER} must be an integer, got {reprlib.repr(value)}")
+    length = int(value)
     if not 0 < length <= body_length:
         raise InvalidArgument(f"{INFERENCE_HEADER} is {length}, but the body has {body_length} bytes")
     return length
@@ -204,10 +208,14 @@ def _add_input(request: pb.ModelInferRequest, tensor: object, index: int, body: 
         raise InvalidArgument(f"input {name!r} has no data: send 'data' or binary data with {BINARY_DATA_SIZE}")
     field = TYPED_CONTENTS_FIELD.get(datatype)
     if field is None:
+        if datatype not in _BINARY_ONLY_TYPES:
+            raise InvalidArgument(f"input {name!r}: unknown datatype {datatype!r}")
         raise InvalidArgument(f"input {name!r}: datatype {datatype!r} cannot be sent as JSON 'data'; send it binary")
     try:
-        values = np.asarray(tensor["data"], dtype=DATATYPES[datatype]).ravel()
-    except (TypeError, ValueError) as exc:
+        # NOTE: out-of-range floats become inf (as a float32 would); out-of-range integers raise OverflowError.
+        with np.errstate(over="ignore"):
+            values = np.asarray(tensor["data"], dtype=DATATYPES[datatype]).ravel()
+    except (TypeError, ValueError, OverflowError) as exc:
         raise InvalidArgument(f"input {name!r}: 'data' is not a (nested) list of {datatype} numbers: {exc}") from None
     getattr(entry.contents, field).extend(values.tolist())
     return offset
@@ -218,14 +226,19 @@ def _copy_parameters(parameters: dict[str, Any], target: Any) -> None:
     for key, value in parameters.items():
         if key in _REST_ONLY_PARAMETERS:
             continue
+        _string(key, "a parameter name")
         if isinstance(value, bool):
             target[key].bool_param = value
-        elif isinstance(value, int):
+        elif isinstance(value, int) and -(2**63) <= value < 2**63:
             target[key].int64_param = value
+        elif isinstance(value, int) and 0 <= value < 2**64:
+            target[key].uint64_param = value
+        elif isinstance(value, int):
+            raise InvalidArgument(f"parameter {key!r} is out of the 64-bit range: {reprlib.repr(value)}")
         elif isinstance(value, float):
             target[key].double_param = value
         elif isinstance(value, str):
-            target[key].string_param = value
+            target[key].string_param = _string(value, f"parameter {key!r}")
         elif key == CLASSIFICATION:
             # NOTE: kept as a string so kserve_codec reports it with its usual message.
             target[key].string_param = json.dumps(value)
@@ -238,6 +251,8 @@ def _json_object(data: bytes, what: str) -> dict[str, Any]:
         document = json.loads(data)
     except (UnicodeDecodeError, ValueError) as exc:
         raise InvalidArgument(f"the {what} is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise InvalidArgument(f"the {what} is nested too deeply to parse") from None
     return _object(document, f"the {what}")
 
 
@@ -248,8 +263,14 @@ def _object(value: object, what: str) -> dict[str, Any]:
 
 
 def _string(value: object, what: str) -> str:
+    """``value`` if it is a string protobuf can hold: JSON's ``\\ud800`` escapes decode to lone surrogates,
+    which are not UTF-8."""
     if not isinstance(value, str):
         raise InvalidArgument(f"{what} must be a string, got {reprlib.repr(value)}")
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        raise InvalidArgument(f"{what} is not valid Unicode (a lone surrogate): {reprlib.repr(value)}") from None
     return value
 
 

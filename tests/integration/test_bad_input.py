@@ -1,5 +1,6 @@
-"""Bad input over ModelInfer, ModelStreamInfer and Classify: the exact status, a clear message, and the
-server answers a good request right after. (``test_errors.py`` has the stock-tritonclient cases.)
+"""Bad input over ModelInfer, ModelStreamInfer and Classify, and over HTTP (KServe v2 REST: JSON, the binary
+tensor extension, POST .../classify): the exact status, a clear message, and the server answers a good request
+right after. (``test_errors.py`` has the stock-tritonclient cases.)
 
 Also: requests whose deadline passes while queued get DEADLINE_EXCEEDED and never reach the model,
 and a full queue answers RESOURCE_EXHAUSTED with a retry hint.
@@ -8,7 +9,11 @@ and a full queue answers RESOURCE_EXHAUSTED with a retry hint.
 from __future__ import annotations
 
 import asyncio
+import base64
+import gzip
+import http.client
 import io
+import json
 import struct
 import zlib
 from collections import Counter
@@ -19,6 +24,7 @@ from typing import Literal
 import grpc
 import numpy as np
 import pytest
+import tritonclient.http as triton_http
 from google.protobuf.message import Message
 from PIL import Image
 
@@ -374,3 +380,300 @@ def test_full_queue_is_resource_exhausted_with_a_retry_hint(sleepy: ServerThread
     refusal = next(e for e in outcomes if e is not None)
     assert "inference queue is full (4 requests waiting); retry after a short backoff" in refusal.details()
     assert asyncio.run(call_sleepy(sleepy.address, [10])) == [None]
+
+
+# --- the same over HTTP: KServe v2 REST (server/transport/rest.py) -------------------------------------
+
+INFER_PATH, CLASSIFY_PATH = "/v2/models/digits/infer", "/v2/models/digits/classify"
+BOUNDARY = "slimserve-bad-input"
+MULTIPART = {"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"}
+JSON = {"Content-Type": "application/json"}
+
+
+@dataclass(frozen=True)
+class RestCase:
+    name: str
+    method: str
+    path: str
+    body: bytes | tuple[bytes, ...] | None
+    """A tuple is sent with chunked transfer encoding (no Content-Length), one chunk per item."""
+    headers: dict[str, str]
+    status: int
+    fragment: str
+
+
+def binary_infer(
+    shape: tuple[int, ...] = (1, 1, 28, 28),
+    datatype: str = "FP32",
+    raw: bytes | None = None,
+    *,
+    declared: object = None,
+    header_length: str | None = None,
+    **document: object,
+) -> tuple[bytes, dict[str, str]]:
+    """An infer body with the input in Triton's binary extension (as tritonclient.http sends it) and its
+    Inference-Header-Content-Length header; ``declared`` overrides binary_data_size, ``document`` adds
+    top-level fields."""
+    raw = b"\0" * ROW if raw is None else raw
+    size = len(raw) if declared is None else declared
+    tensor = {"name": "input", "shape": list(shape), "datatype": datatype, "parameters": {"binary_data_size": size}}
+    header = json.dumps({"inputs": [tensor], **document}).encode()
+    return header + raw, {"Inference-Header-Content-Length": header_length or str(len(header))}
+
+
+def json_infer(data: object = None, datatype: str = "FP32", shape: object = (1, 1, 28, 28), **fields: object) -> bytes:
+    """An infer body with the input as JSON ``data`` (784 zeros unless given); ``fields`` go in the tensor."""
+    tensor = {"name": "input", "shape": list(shape) if isinstance(shape, tuple) else shape, "datatype": datatype}
+    tensor["data"] = [0.0] * (28 * 28) if data is None else data
+    tensor.update(fields)
+    return json.dumps({"inputs": [tensor]}).encode()
+
+
+def with_output(output_parameters: dict[str, object], name: str = "logits", **document: object) -> bytes:
+    """A good JSON infer body asking for output ``name`` with ``output_parameters``; ``document`` adds fields."""
+    tensor = {"name": "input", "shape": [1, 1, 28, 28], "datatype": "FP32", "data": [0.0] * (28 * 28)}
+    output = {"name": name, "parameters": output_parameters}
+    return json.dumps({"inputs": [tensor], "outputs": [output], **document}).encode()
+
+
+def multipart(*images: bytes, top_k: str | None = None) -> bytes:
+    parts = [
+        f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="images"; filename="{i}.img"\r\n'
+        "Content-Type: application/octet-stream\r\n\r\n".encode()
+        + data
+        + b"\r\n"
+        for i, data in enumerate(images)
+    ]
+    if top_k is not None:
+        parts.append(f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="top_k"\r\n\r\n{top_k}\r\n'.encode())
+    return b"".join(parts) + f"--{BOUNDARY}--\r\n".encode()
+
+
+def base64_images(*images: bytes, **document: object) -> bytes:
+    return json.dumps({"images": [base64.b64encode(i).decode() for i in images], **document}).encode()
+
+
+TWO_INPUTS = json.dumps(
+    {
+        "inputs": [
+            {"name": "input", "shape": [1, 1, 28, 28], "datatype": "FP32", "data": [0.0] * (28 * 28)},
+            {"name": "mask", "shape": [1, 1, 28, 28], "datatype": "FP32", "data": [0.0] * (28 * 28)},
+        ]
+    }
+).encode()
+NESTED_MULTIPART = (
+    (
+        f"--{BOUNDARY}\r\nContent-Type: multipart/mixed; boundary=inner\r\n\r\n"
+        f"--inner\r\nContent-Type: image/png\r\n\r\n"
+    ).encode()
+    + PNG
+    + f"\r\n--inner--\r\n--{BOUNDARY}--\r\n".encode()
+)
+OVERSIZE_JSON = b'{"inputs": [' + b" " * 5 * MiB + b"]}"
+GZIP_BOMB = gzip.compress(b'{"inputs": [' + b" " * 16 * MiB + b"]}")
+GZIP = {"Content-Encoding": "gzip"}
+
+
+def rest(
+    name: str,
+    body: bytes | tuple[bytes, ...] | None,
+    status: int,
+    fragment: str,
+    *,
+    path: str = INFER_PATH,
+    method: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> RestCase:
+    """A bad request to .../infer unless said otherwise: POST with a body, GET without."""
+    method = method or ("POST" if body is not None else "GET")
+    return RestCase(name, method, path, body, headers or {}, status, fragment)
+
+
+def rest_binary(name: str, status: int, fragment: str, *args: object, **kwargs: object) -> RestCase:
+    body, headers = binary_infer(*args, **kwargs)  # type: ignore[arg-type]
+    return RestCase(name, "POST", INFER_PATH, body, headers, status, fragment)
+
+
+def rest_classify(name: str, body: bytes, status: int, fragment: str, headers: dict[str, str] = MULTIPART) -> RestCase:
+    return RestCase(name, "POST", CLASSIFY_PATH, body, headers, status, fragment)
+
+
+REST_CASES = [
+    # --- infer: the JSON document --------------------------------------------------------------------
+    rest("malformed JSON", b"{not json", 400, "the inference request is not valid JSON"),
+    rest("empty body", b"", 400, "the inference request is not valid JSON"),
+    rest("not UTF-8", b'{"inputs": "\xff"}', 400, "is not valid JSON: 'utf-8' codec can't decode"),
+    rest("JSON array", b"[1, 2]", 400, "the inference request must be a JSON object, got [1, 2]"),
+    rest("nested too deeply", b"[" * 100_000, 400, "the inference request is nested too deeply to parse"),
+    rest("no inputs", b'{"inputs": []}', 400, "needs a non-empty 'inputs' list"),
+    rest("input not an object", b'{"inputs": [7]}', 400, "input 0 must be a JSON object, got 7"),
+    rest("id not a string", json_infer()[:-1] + b', "id": 7}', 400, "the request 'id' must be a string, got 7"),
+    rest("lone surrogate in id", json_infer()[:-1] + b', "id": "\\ud800"}', 400, "'id' is not valid Unicode"),
+    rest("two inputs", TWO_INPUTS, 400, "takes exactly one input named 'input', got ['input', 'mask']"),
+    # --- infer: shape and datatype ---------------------------------------------------------------------
+    rest_binary("wrong shape", 400, "has shape [1, 1, 27, 28], expected [-1, 1, 28, 28]", (1, 1, 27, 28)),
+    rest_binary("rank 5", 400, "shape [1, 1, 1, 28, 28], expected", (1, 1, 1, 28, 28)),
+    rest_binary("batch 0", 400, "batch size 0 is outside 1..32", (0, 1, 28, 28), raw=b""),
+    rest_binary("huge batch", 400, f"batch size {2**40} is outside", (2**40, 1, 28, 28)),
+    rest("shape beyond int64", json_infer(shape=[2**70, 1, 28, 28]), 400, f"'shape' [{2**70}, 1, 28, 28] is out"),
+    rest("shape not integers", json_infer(shape=[1, "1", 28, 28]), 400, "'shape' must be a list of integers"),
+    rest("shape of floats", json_infer(shape=[1.0, 1, 28, 28]), 400, "'shape' must be a list of integers"),
+    rest_binary("FP16 binary", 400, "must be FP32, got datatype 'FP16'", datatype="FP16", raw=b"\0" * (ROW // 2)),
+    rest("FP16 as JSON data", json_infer(datatype="FP16"), 400, "datatype 'FP16' cannot be sent as JSON 'data'"),
+    rest("BYTES as JSON data", json_infer(["a"], "BYTES", (1,)), 400, "'BYTES' cannot be sent as JSON 'data'"),
+    rest("unknown datatype", json_infer(datatype="FLOAT32"), 400, "input 'input': unknown datatype 'FLOAT32'"),
+    rest("INT32 data", json_infer([0] * (28 * 28), "INT32"), 400, "must be FP32, got datatype 'INT32'"),
+    rest("INT32 out of range", json_infer([2**40] * 3, "INT32"), 400, "not a (nested) list of INT32 numbers"),
+    rest("UINT8 negative", json_infer([-1], "UINT8"), 400, "Python integer -1 out of bounds for uint8"),
+    # --- infer: JSON data --------------------------------------------------------------------------------
+    rest("data not numbers", json_infer(["zero"] * 3), 400, "'data' is not a (nested) list of FP32 numbers"),
+    rest("ragged data", json_infer([[0.0], [0.0, 0.0]]), 400, "'data' is not a (nested) list of FP32 numbers"),
+    rest("too few values", json_infer([0.0] * 10), 400, "10 values"),
+    rest(
+        "no data",
+        b'{"inputs": [{"name": "input", "shape": [1, 1, 28, 28], "datatype": "FP32"}]}',
+        400,
+        "has no data: send 'data' or binary data with binary_data_size",
+    ),
+    rest(
+        "data and binary_data_size",
+        json_infer(parameters={"binary_data_size": ROW}),
+        400,
+        "has both 'data' and binary_data_size: send its data once",
+    ),
+    # --- infer: the binary extension --------------------------------------------------------------------
+    rest_binary("binary size short of the data", 400, f"{ROW} bytes of binary data follow", declared=ROW - 4),
+    rest_binary("binary size past the body", 400, f"binary_data_size is {ROW + 4}, but only {ROW}", declared=ROW + 4),
+    rest_binary("negative binary_data_size", 400, "binary_data_size must be an integer >= 0, got -4", declared=-4),
+    rest_binary("binary_data_size a string", 400, f"must be an integer >= 0, got '{ROW}'", declared=str(ROW)),
+    rest_binary("binary_data_size a float", 400, "must be an integer >= 0, got 3136.0", declared=float(ROW)),
+    rest_binary("binary longer than the shape", 400, f"{ROW + 4} bytes of raw", raw=b"\0" * (ROW + 4)),
+    rest_binary(
+        "binary and no JSON",
+        400,
+        "Inference-Header-Content-Length is 1000000, but the body has",
+        header_length="1000000",
+    ),
+    rest_binary(
+        "header length not a number",
+        400,
+        "Inference-Header-Content-Length must be an integer, got 'abc'",
+        header_length="abc",
+    ),
+    rest_binary("header length with a sign", 400, "must be an integer, got '+12'", header_length="+12"),
+    rest_binary("header length 0", 400, "Inference-Header-Content-Length is 0, but", header_length="0"),
+    rest_binary("header length cuts the JSON", 400, "the inference request is not valid JSON", header_length="12"),
+    # --- infer: outputs and parameters ---------------------------------------------------------------------
+    rest("unknown output", with_output({}, name="probs"), 400, "unknown output 'probs'; this model has 'logits'"),
+    rest("classification 0", with_output({"classification": 0}), 400, "(the top-k), got 0"),
+    rest("classification a word", with_output({"classification": "all"}), 400, "(the top-k), got 'all'"),
+    rest("classification an object", with_output({"classification": {"k": 3}}), 400, "(the top-k), got '{"),
+    rest("binary_data not a bool", with_output({"binary_data": 1}), 400, "output 'logits' binary must be true or"),
+    rest("parameter past 64 bits", with_output({}, parameters={"p": 2**70}), 400, "'p' is out of the 64-bit range"),
+    rest("parameter a list", with_output({}, parameters={"p": [1]}), 400, "must be a boolean, number or string"),
+    rest("outputs not a list", with_output({}, outputs={}), 400, "'outputs' must be a list"),
+    # --- infer: model, body size and encoding ----------------------------------------------------------------
+    rest("unknown model", b"{}", 404, "unknown model 'nope'; this server serves: digits", path="/v2/models/nope/infer"),
+    rest("unknown version", b"{}", 404, "has no version '9'", path="/v2/models/digits/versions/9/infer"),
+    rest("model name not UTF-8", b"{}", 404, "unknown model '%FF'", path="/v2/models/%FF/infer"),
+    rest("oversize body", OVERSIZE_JSON, 413, "request body exceeds the limit of 4194304 bytes"),
+    rest("oversize chunked body", (OVERSIZE_JSON[: 3 * MiB], OVERSIZE_JSON[3 * MiB :]), 413, "exceeds the limit"),
+    rest("gzip past the limit", GZIP_BOMB, 413, "exceeds the limit of 4194304 bytes", headers=GZIP),
+    rest(
+        "corrupt gzip", b"not gzip", 400, "cannot read the request body: Can not decode content-encoding", headers=GZIP
+    ),
+    # --- routes and methods ---------------------------------------------------------------------------------
+    rest("unknown route", None, 404, "Not Found: GET /v2/nowhere", path="/v2/nowhere"),
+    rest("GET infer", None, 405, "Method Not Allowed: GET /v2/models/digits/infer"),
+    rest("DELETE a model", None, 405, "Method Not Allowed: DELETE", method="DELETE", path="/v2/models/digits"),
+    rest("GET the repository index", None, 405, "Method Not Allowed", path="/v2/repository/index"),
+    rest("metadata of an unknown version", None, 404, "has no version '9'", path="/v2/models/digits/versions/9"),
+    rest("statistics of an unknown model", None, 404, "unknown model 'nope'", path="/v2/models/nope/stats"),
+    rest("config of an unknown model", None, 404, "unknown model 'nope'", path="/v2/models/nope/config"),
+    # --- classify -------------------------------------------------------------------------------------------
+    rest_classify("GIF", multipart(image("GIF")), 400, "image 0 is a GIF image; this server accepts JPEG, PNG"),
+    rest_classify("WEBP as base64", base64_images(image("WEBP")), 400, "image 0 is a WEBP image", JSON),
+    rest_classify("corrupt PNG", multipart(png_claiming(0, 0)), 400, "image 0 is a corrupt PNG image"),
+    rest_classify("PNG signature only", base64_images(PNG[:8]), 400, "corrupt PNG image (8 bytes)", JSON),
+    rest_classify("truncated JPEG", multipart(JPEG[: len(JPEG) // 2]), 400, "image 0 cannot be decoded"),
+    rest_classify("second image bad", multipart(PNG, b"junk"), 400, "image 1 is not a JPEG or PNG image"),
+    rest_classify("PNG claiming 100000x100000", multipart(png_claiming(100_000, 100_000)), 400, "more pixels than"),
+    rest_classify("too many images", multipart(*[PNG] * 65), 400, "more than 64 images in one request; the limit"),
+    rest_classify("too many base64 images", base64_images(*[PNG] * 65), 400, "65 images in one request", JSON),
+    rest_classify("no images", multipart(top_k="1"), 400, "no images in the request"),
+    rest_classify("no base64 images", base64_images(), 400, "no images in the request", JSON),
+    rest_classify("images not a list", b'{"images": "abc"}', 400, "needs 'images': a list of base64", JSON),
+    rest_classify("not base64", b'{"images": ["%%%"]}', 400, "images[0] is not valid base64", JSON),
+    rest_classify("top_k negative", multipart(PNG, top_k="-1"), 400, "top_k must be an integer >= 0"),
+    rest_classify("top_k a word", base64_images(PNG, top_k="three"), 400, "(0 = the server default), got 'thr", JSON),
+    rest_classify(
+        "unsupported content type", b"abc", 400, "unsupported Content-Type 'text/plain'", {"Content-Type": "text/plain"}
+    ),
+    rest_classify(
+        "multipart without boundary",
+        b"abc",
+        400,
+        "malformed multipart body: boundary missed",
+        {"Content-Type": "multipart/form-data"},
+    ),
+    rest_classify("multipart garbage", b"garbage", 400, "malformed multipart body: Could not find starting"),
+    rest_classify("nested multipart", NESTED_MULTIPART, 400, "nested multipart bodies are not supported"),
+    rest_classify("one part past the limit", multipart(b"\0" * 5 * MiB), 413, "exceeds the limit of 4194304 bytes"),
+    rest_classify("parts adding up past the limit", multipart(*[b"\0" * MiB] * 5), 413, "exceeds the limit"),
+    RestCase("unknown model", "POST", "/v2/models/nope/classify", multipart(PNG), MULTIPART, 404, "unknown model"),
+]
+
+
+def http_call(server: ServerThread, case: RestCase) -> tuple[int, bytes]:
+    connection = http.client.HTTPConnection(*server.http_address.split(":"), timeout=30)
+    try:
+        chunked = isinstance(case.body, tuple)
+        body = iter(case.body) if isinstance(case.body, tuple) else case.body
+        connection.request(case.method, case.path, body=body, headers=case.headers, encode_chunked=chunked)
+        response = connection.getresponse()
+        return response.status, response.read()
+    finally:
+        connection.close()
+
+
+def assert_still_serving_http(server: ServerThread) -> None:
+    """A good infer (binary, as tritonclient.http sends it) and a good multipart classify over HTTP."""
+    split = load_splits()["test"]
+    pixels = normalize(split.images[:1]).astype(np.float32).tobytes()
+    body, headers = binary_infer(raw=pixels, parameters={"binary_data_output": False})
+    status, answer = http_call(server, RestCase("good", "POST", INFER_PATH, body, headers, 200, ""))
+    assert status == 200, answer
+    assert np.argmax(json.loads(answer)["outputs"][0]["data"]) == split.labels[0]
+    good = RestCase("good", "POST", CLASSIFY_PATH, multipart(encode_png(split.images[0])), MULTIPART, 200, "")
+    status, answer = http_call(server, good)
+    assert status == 200, answer
+    assert json.loads(answer)["results"][0]["classes"][0]["index"] == split.labels[0]
+
+
+def test_the_rest_table_is_big_and_distinct() -> None:
+    assert len(REST_CASES) >= 50 and len({(c.path, c.name) for c in REST_CASES}) == len(REST_CASES)
+    assert {c.path for c in REST_CASES} >= {INFER_PATH, CLASSIFY_PATH}
+
+
+@pytest.mark.parametrize("case", REST_CASES, ids=lambda c: f"{c.path.rsplit('/', 1)[-1]}: {c.name}")
+def test_bad_http_input_gets_its_status_and_a_clear_message(server: ServerThread, case: RestCase) -> None:
+    status, answer = http_call(server, case)
+    assert status == case.status, (case.name, status, answer[:500])
+    message = json.loads(answer)["error"]
+    assert case.fragment in message, message
+    assert_still_serving_http(server)
+
+
+def test_nan_over_json_is_served_as_grpc_serves_it(server: ServerThread, channel: grpc.Channel) -> None:
+    """JSON has no NaN, but tritonclient.http writes Python's NaN literal for it, so the endpoint reads it,
+    as gRPC takes NaN floats: the model runs, its logits are NaN, and the answer writes them back the same way."""
+    nan = np.full((1, 1, 28, 28), np.nan, np.float32)
+    client = triton_http.InferenceServerClient(server.http_address)
+    tensor = triton_http.InferInput("input", [1, 1, 28, 28], "FP32")
+    tensor.set_data_from_numpy(nan, binary_data=False)
+    over_http = client.infer("digits", [tensor], outputs=[triton_http.InferRequestedOutput("logits", False)])
+    logits = over_http.as_numpy("logits")
+    assert logits is not None and logits.shape == (1, 10) and np.isnan(logits).all()
+    response = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(infer_request(raw=nan.tobytes()), timeout=20)
+    assert np.isnan(np.frombuffer(response.raw_output_contents[0], np.float32)).all()
+    assert_still_serving_http(server)

@@ -1,7 +1,12 @@
-"""TLS, mutual TLS and bearer tokens with real certificates: who is refused, how, and who gets through."""
+"""TLS, mutual TLS and bearer tokens with real certificates, on the gRPC port and on the HTTP (KServe v2 REST)
+port: who is refused, how, and who gets through."""
 
 from __future__ import annotations
 
+import http.client
+import json
+import socket
+import ssl
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -11,6 +16,8 @@ import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as triton
+import tritonclient.http as triton_http
+from gevent import ssl as gevent_ssl
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from tritonclient.utils import InferenceServerException
@@ -218,6 +225,155 @@ def test_mutual_tls_admits_only_clients_with_a_certificate_from_the_configured_c
     tensor = triton.InferInput("input", [1, 1, 28, 28], "FP32")
     tensor.set_data_from_numpy(ZEROS)
     assert triton_client.infer("digits", [tensor]).as_numpy("logits").shape == (1, 10)
+
+
+# --- the HTTP port: HTTPS, mutual TLS and tokens (server/transport/rest.py) -------------------------
+
+ZEROS_TENSOR = {"name": "input", "shape": [1, 1, 28, 28], "datatype": "FP32"}
+ZEROS_HEADER = json.dumps({"inputs": [{**ZEROS_TENSOR, "parameters": {"binary_data_size": ZEROS.nbytes}}]}).encode()
+INFER_BODY = ZEROS_HEADER + ZEROS.tobytes()
+"""An infer of ZEROS in Triton's binary tensor extension, as tritonclient.http sends it."""
+INFER_HEADERS = {"Inference-Header-Content-Length": str(len(ZEROS_HEADER))}
+
+
+def client_context(pki: Pki, *, ca: Authority | None = None, client: Pem | None = None) -> ssl.SSLContext:
+    """What an HTTPS client trusts (``ca``, the trusted CA by default) and the certificate it shows, if any."""
+    context = ssl.create_default_context(cafile=(ca or pki.ca).cert_file)
+    if client is not None:
+        context.load_cert_chain(client.cert, client.key)
+    return context
+
+
+def https(
+    server: ServerThread, context: ssl.SSLContext, method: str, path: str, *, token: str | None = None
+) -> tuple[int, dict[str, str], bytes]:
+    """One HTTPS call (an infer of ZEROS for POST): status, headers, body."""
+    host, port = server.http_address.split(":")
+    connection = http.client.HTTPSConnection(host, int(port), context=context, timeout=20)
+    headers = {**INFER_HEADERS, **({"Authorization": f"Bearer {token}"} if token else {})}
+    try:
+        connection.request(method, path, body=INFER_BODY if method == "POST" else None, headers=headers)
+        response = connection.getresponse()
+        return response.status, dict(response.getheaders()), response.read()
+    finally:
+        connection.close()
+
+
+def https_refused(server: ServerThread, context: ssl.SSLContext) -> Exception:
+    """The exception that ends an HTTPS call refused in the TLS handshake, before any HTTP status: an SSLError,
+    or in TLS 1.3, where the server judges a client certificate after the client's side of the handshake is
+    done, the connection closed under the client's first read (RemoteDisconnected, a ConnectionResetError)."""
+    with pytest.raises((ssl.SSLError, ConnectionResetError, BrokenPipeError)) as info:
+        https(server, context, "GET", "/v2/health/ready")
+    return info.value
+
+
+GEVENT_HOSTNAME_CHECK = pytest.mark.filterwarnings("ignore:ssl.match_hostname:DeprecationWarning")
+"""geventhttpclient (under tritonclient.http) still calls ssl.match_hostname."""
+
+
+def triton_https(pki: Pki, server: ServerThread, client: Pem | None = None) -> triton_http.InferenceServerClient:
+    """Stock tritonclient.http over HTTPS: gevent's SSL context with the trusted CA (and a client certificate)."""
+
+    def context() -> gevent_ssl.SSLContext:
+        made = gevent_ssl.create_default_context(cafile=str(pki.ca.cert_file))
+        if client is not None:
+            made.load_cert_chain(str(client.cert), str(client.key))
+        return made
+
+    return triton_http.InferenceServerClient(server.http_address, ssl=True, ssl_context_factory=context)
+
+
+def triton_http_infer(client: triton_http.InferenceServerClient, token: str | None = None) -> np.ndarray:
+    tensor = triton_http.InferInput("input", [1, 1, 28, 28], "FP32")
+    tensor.set_data_from_numpy(ZEROS)
+    headers = {"Authorization": f"Bearer {token}"} if token else None
+    logits = client.infer("digits", [tensor], headers=headers).as_numpy("logits")
+    assert logits is not None
+    return logits
+
+
+@pytest.mark.parametrize(
+    ("token", "fragment"),
+    [
+        (None, "missing credentials: send header 'authorization: Bearer <token>'"),
+        ("wrong-token", "invalid bearer token"),
+        (f"{TOKEN}x", "invalid bearer token"),
+    ],
+)
+def test_https_calls_without_a_valid_token_are_401(
+    pki: Pki, tls_token_server: ServerThread, token: str | None, fragment: str
+) -> None:
+    context = client_context(pki)
+    for method, path in [("POST", "/v2/models/digits/infer"), ("GET", "/v2/models/digits"), ("GET", "/v2")]:
+        status, headers, body = https(tls_token_server, context, method, path, token=token)
+        assert status == 401 and headers.get("WWW-Authenticate") == "Bearer", (path, status, body)
+        assert fragment in json.loads(body)["error"], body
+    # probes stay open, and the server goes on
+    assert https(tls_token_server, context, "GET", "/v2/health/ready")[0] == 200
+    assert https(tls_token_server, context, "POST", "/v2/models/digits/infer", token=TOKEN)[0] == 200
+
+
+@GEVENT_HOSTNAME_CHECK
+def test_https_with_the_ca_and_token_succeeds(pki: Pki, tls_token_server: ServerThread) -> None:
+    status, _, body = https(tls_token_server, client_context(pki), "POST", "/v2/models/digits/infer", token=TOKEN)
+    assert status == 200, body
+    assert json.loads(body)["outputs"][0]["shape"] == [1, 10]
+    client = triton_https(pki, tls_token_server)
+    assert client.is_server_live()  # health needs no token
+    assert triton_http_infer(client, TOKEN).shape == (1, 10)
+    with pytest.raises(InferenceServerException) as info:
+        triton_http_infer(client)
+    assert info.value.status() == "401" and "missing credentials" in info.value.message()
+
+
+def test_https_clients_that_do_not_trust_the_server_or_speak_plaintext_fail(
+    pki: Pki, tls_token_server: ServerThread
+) -> None:
+    """The client refuses a certificate from a CA it does not trust; plain HTTP to the TLS port gets no answer."""
+    error = https_refused(tls_token_server, client_context(pki, ca=pki.rogue_ca))
+    assert isinstance(error, ssl.SSLCertVerificationError) and "certificate verify failed" in str(error)
+    host, port = tls_token_server.http_address.split(":")
+    plaintext = http.client.HTTPConnection(host, int(port), timeout=20)
+    with pytest.raises((http.client.HTTPException, ConnectionError)):
+        plaintext.request("GET", "/v2/health/ready")
+        plaintext.getresponse().read()
+    plaintext.close()
+    assert https(tls_token_server, client_context(pki), "GET", "/v2/health/ready")[0] == 200
+
+
+def tls_handshake(server: ServerThread, context: ssl.SSLContext) -> str:
+    """Only the TLS handshake with the HTTP port, no request: the version agreed (ssl.SSLError if refused)."""
+    host, port = server.http_address.split(":")
+    with socket.create_connection((host, int(port)), timeout=20) as raw:
+        with context.wrap_socket(raw, server_hostname=host) as tls:
+            return str(tls.version())
+
+
+def tls12(context: ssl.SSLContext) -> ssl.SSLContext:
+    context.maximum_version = ssl.TLSVersion.TLSv1_2
+    return context
+
+
+@GEVENT_HOSTNAME_CHECK
+def test_https_mutual_tls_admits_only_clients_with_a_certificate_from_the_configured_ca(
+    pki: Pki, mtls_server: ServerThread
+) -> None:
+    """No client certificate, or one from another CA: the server aborts the TLS handshake, and no HTTP status is
+    ever sent. In TLS 1.2 the handshake itself fails; in TLS 1.3 the server checks the client's certificate
+    after the client's side of the handshake is done, so the client sees the connection closed on its first
+    read. The trusted client certificate gets through, with raw HTTPS and with tritonclient.http."""
+    for client in (None, pki.rogue_client):
+        with pytest.raises(ssl.SSLError):
+            tls_handshake(mtls_server, tls12(client_context(pki, client=client)))
+        error = https_refused(mtls_server, client_context(pki, client=client))
+        assert not isinstance(error, ssl.SSLCertVerificationError), error  # the server refused, not the client
+    trusted = client_context(pki, client=pki.client)
+    assert tls_handshake(mtls_server, tls12(client_context(pki, client=pki.client))) == "TLSv1.2"
+    assert tls_handshake(mtls_server, trusted) == "TLSv1.3"
+    status, _, body = https(mtls_server, trusted, "POST", "/v2/models/digits/infer")
+    assert status == 200, body
+    assert triton_http_infer(triton_https(pki, mtls_server, client=pki.client)).shape == (1, 10)
 
 
 # --- metrics on their own interface --------------------------------------------------------------
