@@ -2,6 +2,11 @@
 
 The drop's 95% confidence interval uses the paired per-image difference (both models see the same
 images), which is far tighter than comparing two independent accuracies.
+
+Selection judges a variant by :func:`evidence`: the upper end of the drop's interval at the budget's
+``confidence`` (Agresti and Min's adjusted interval for matched pairs, which, unlike the plain paired
+interval, does not collapse to zero width when no image disagrees), and the lower end of the agreement's
+Wilson interval.
 """
 
 from __future__ import annotations
@@ -9,9 +14,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from statistics import NormalDist
 
 import numpy as np
 import torch
+
+from compression.search.selection import Evidence
 
 Z95 = 1.959964
 
@@ -64,3 +72,83 @@ def wilson_interval(successes: int, n: int) -> tuple[float, float]:
     centre = (p + Z95**2 / (2 * n)) / denominator
     half = Z95 * math.sqrt(p * (1 - p) / n + Z95**2 / (4 * n * n)) / denominator
     return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def z_value(confidence: float) -> float:
+    """The normal quantile of a two-sided ``confidence`` interval (0 for 0: the point estimate)."""
+    return NormalDist().inv_cdf((1 + confidence) / 2) if confidence > 0 else 0.0
+
+
+def wilson_lower(successes: int, n: int, z: float) -> float:
+    if n == 0:
+        return 0.0
+    p = successes / n
+    centre = p + z * z / (2 * n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return max(0.0, (centre - half) / (1 + z * z / n))
+
+
+def evidence(
+    candidate: np.ndarray,
+    original: np.ndarray,
+    labels: np.ndarray | None,
+    *,
+    confidence: float,
+    max_drop: float | None,
+    min_agreement: float | None,
+) -> Evidence:
+    """Fidelity on one part of the validation split, with the bounds selection judges a variant by.
+
+    ``images_needed``: how many images this part would need for the bounds to meet the budget, were the
+    observed disagreement rates the true ones (None when a point estimate already misses the budget).
+    """
+    n = len(candidate)
+    z = z_value(confidence)
+    agreeing = int((candidate == original).sum())
+    agreement = agreeing / n if n else 0.0
+    needed: list[float] = []
+    drop = upper = None
+    if labels is not None and n:
+        orig_right, cand_right = original == labels, candidate == labels
+        lost, gained = int((orig_right & ~cand_right).sum()), int((~orig_right & cand_right).sum())
+        drop = (lost - gained) / n * 100
+        if z == 0:
+            upper = drop
+        else:  # Agresti-Min: half an image added to each discordant cell (and to the concordant ones)
+            b, c, m = lost + 0.5, gained + 0.5, n + 2
+            upper = ((b - c) / m + z * math.sqrt(max((b + c) - (b - c) ** 2 / m, 0.0)) / m) * 100
+        if max_drop is not None:
+            d, budget = (lost - gained) / n, max_drop / 100
+            spread = (lost + gained) / n - d * d
+            if d >= budget:
+                needed.append(math.inf)
+            else:
+                room = max(budget - d, 1e-9)
+                needed.append(max((z * math.sqrt(spread) / room) ** 2, z / max(budget, 1e-9) - 2))
+    lower = wilson_lower(agreeing, n, z) if n else 0.0
+    if min_agreement is not None:
+        if agreement <= min_agreement and agreement < 1:
+            needed.append(math.inf)
+        elif agreement == 1:
+            needed.append(z * z * min_agreement / (1 - min_agreement) if min_agreement < 1 else math.inf)
+        else:
+            needed.append(z * z * agreement * (1 - agreement) / (agreement - min_agreement) ** 2)
+    images_needed = None if not needed or math.isinf(max(needed)) else max(n, math.ceil(max(needed)))
+    return Evidence(
+        n,
+        None if drop is None else round(drop, 4),
+        None if upper is None else round(upper, 4),
+        round(agreement, 6),
+        round(lower, 6),
+        images_needed,
+    )
+
+
+def class_drops(candidate: np.ndarray, original: np.ndarray, labels: np.ndarray) -> dict[str, tuple[int, float]]:
+    """Per class (label index as a string): validation images of it, and the top-1 drop on them in points."""
+    out = {}
+    for label in np.unique(labels):
+        mask = labels == label
+        drop = float(((original[mask] == label).mean() - (candidate[mask] == label).mean()) * 100)
+        out[str(int(label))] = (int(mask.sum()), round(drop, 4))
+    return out

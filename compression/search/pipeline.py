@@ -35,6 +35,24 @@ class CompressedEntry:
         return self.folder / variant.artifact if variant.artifact else None
 
 
+KEY_OMITTED_DEFAULTS = {"budget": ("confidence", "max_class_drop"), "search": ("max_minutes", "student_min_images")}
+"""Compression fields added after keys were first published: left out of the key while at their default, so
+the keys of existing configs stay what they were (a block left empty is left out too)."""
+
+
+def compression_key_settings(compression: CompressionSettings) -> dict:
+    """The compression settings as the cache key sees them (:data:`KEY_OMITTED_DEFAULTS` left out at default)."""
+    dump = compression.model_dump(mode="json")
+    defaults = CompressionSettings().model_dump(mode="json")
+    for block, fields in KEY_OMITTED_DEFAULTS.items():
+        for name in fields:
+            if dump[block].get(name) == defaults[block][name]:
+                del dump[block][name]
+        if not dump[block]:
+            del dump[block]
+    return dump
+
+
 def compression_key(settings: CompressibleModel, loaded: LoadedModel) -> tuple[str, dict]:
     compression = settings.compression
     assert compression is not None
@@ -42,7 +60,7 @@ def compression_key(settings: CompressibleModel, loaded: LoadedModel) -> tuple[s
     return cache_key(
         model_file=loaded.source_file,
         model_settings=model_part,
-        compression_settings=compression.model_dump(mode="json"),
+        compression_settings=compression_key_settings(compression),
         device=compression.target.device,
     )
 

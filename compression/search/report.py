@@ -35,7 +35,13 @@ def summary_rows(report: SearchReport) -> list[list[str]]:
         status = (
             "FAILED: " + first_line(v.error)[:80]
             if v.error
-            else ("chosen" if v.name == report.chosen else ("within budget" if v.meets_budget else "outside budget"))
+            else (
+                first_line(v.skipped).split(":")[0]
+                if v.skipped
+                else (
+                    "chosen" if v.name == report.chosen else ("within budget" if v.meets_budget else "outside budget")
+                )
+            )
         )
         rows.append(
             [
@@ -74,6 +80,29 @@ def _limit(name: str, bound: str, value: object, unit: str = "") -> str:
     return f"no {name} limit" if value is None else f"{name} {bound} {value}{unit}"
 
 
+def _bounds(part: dict | None) -> str:
+    if not part:
+        return "-"
+    if part.get("top1_drop") is not None:
+        return f"{part['top1_drop']:+.2f} pt (<= {part['top1_drop_upper']:+.2f}) on {part['images']}"
+    return f"{part['agreement'] * 100:.2f}% agree (>= {part['agreement_lower'] * 100:.2f}%) on {part['images']}"
+
+
+def evidence_rows(report: SearchReport) -> list[list[str]]:
+    """Per measured variant: the selection and confirmation figures with their bounds, the worst class, why."""
+    rows = []
+    for v in report.candidates:
+        if v.selection is None:
+            continue
+        worst = "-" if v.worst_class_drop is None else f"{v.worst_class_drop[0]}: {v.worst_class_drop[1]:+.2f} pt"
+        verdict = "lossless" if v.lossless else (v.accuracy_verdict or "within the accuracy budget")
+        rows.append([v.name, _bounds(v.selection), _bounds(v.confirmation), worst, verdict])
+    return rows
+
+
+EVIDENCE_HEADERS = ["variant", "selection images", "confirmation images", "worst class", "accuracy verdict"]
+
+
 def markdown(report: SearchReport) -> str:
     budget = report.budget
     lines = [
@@ -97,6 +126,31 @@ def markdown(report: SearchReport) -> str:
         "report.json (paired per image). Storage techniques (magnitude pruning, clustering, clipping) shrink "
         "the zlib-compressed weights; they are not expected to speed up dense kernels.",
     ]
+    selection = report.selection
+    if selection:
+        lines += [
+            "",
+            "## Accuracy evidence",
+            "",
+            f"A lossy variant is within the accuracy budget only when the bound of its {selection['confidence']:.0%} "
+            f"interval is, on the {selection['selection_images']} selection images and then on the "
+            f"{selection['confirmation_images']} confirmation images (a seeded half each, seed "
+            f"{selection['split_seed']}). Drops as `point (<= upper bound) on images`; the worst class is judged "
+            f"among classes with at least {selection['min_class_images']} validation images.",
+            "",
+            "| " + " | ".join(EVIDENCE_HEADERS) + " |",
+            "|" + "|".join("---" for _ in EVIDENCE_HEADERS) + "|",
+            *("| " + " | ".join(row) + " |" for row in evidence_rows(report)),
+        ]
+        if selection.get("images_needed"):
+            lines += [
+                "",
+                f"About {selection['images_needed']} validation images would be needed to show a lossy "
+                "variant within the budget at the observed rates.",
+            ]
+    skipped = [v for v in report.candidates if v.skipped]
+    if skipped:
+        lines += ["", "## Not built", "", *(f"- {v.name}: {v.skipped}" for v in skipped)]
     return "\n".join(lines) + "\n"
 
 

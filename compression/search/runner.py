@@ -3,6 +3,9 @@
 Every figure is measured: latency with the exact predictor that would be served, interleaved across
 candidates; fidelity on the validation split, which no technique has seen. A technique that fails on
 a model is recorded with its reason and the search goes on.
+
+Traced with the OpenTelemetry API only (:class:`SearchSpans`): spans are recorded only if the process
+configured a tracer provider (``slimserve compress`` does when ``server.tracing`` is on).
 """
 
 from __future__ import annotations
@@ -13,13 +16,15 @@ import logging
 import shutil
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from opentelemetry import trace
+from opentelemetry.trace import Span, Status, StatusCode, Tracer
 from torch import nn
 
 from compression.context import CompressionContext
@@ -29,11 +34,20 @@ from compression.runtimes.cuda_support import module_device, require_cuda
 from compression.runtimes.eager import reference_predictor
 from compression.runtimes.predictor import Predictor
 from compression.runtimes.realization import build_predictor
-from compression.search.accuracy import Fidelity, fidelity, predict_top1
+from compression.search.accuracy import Fidelity, class_drops, evidence, fidelity, predict_top1
 from compression.search.candidates import Candidate, default_candidates
 from compression.search.data import EvalData
 from compression.search.latency import measure_latency
-from compression.search.selection import Measured, choose, meets_accuracy, meets_latency
+from compression.search.schedule import LOSSLESS, Deadline, cost_class, plan, skip_reason
+from compression.search.selection import (
+    MIN_CLASS_IMAGES,
+    Evidence,
+    Measured,
+    accuracy_verdict,
+    choose,
+    meets_accuracy,
+    meets_latency,
+)
 from compression.search.settings import CompressionSettings
 from compression.techniques import analysis
 from compression.techniques.registry import apply, config_to_dict
@@ -79,6 +93,21 @@ class VariantReport:
     """Artifact folder relative to the report (kept for the chosen variant only)."""
     error: str | None = None
     note: str | None = None
+    skipped: str | None = None
+    """Why the candidate was not built (a student without the data for it, the search's time budget)."""
+    lossless: bool = False
+    """An fp32 chain of exact transforms that agreed with the original on every validation image."""
+    selection: dict[str, Any] | None = None
+    """Fidelity on the selection images (``selection.Evidence``: drop, its upper bound, agreement, its lower
+    bound, images needed); the accuracy budget is judged on these."""
+    confirmation: dict[str, Any] | None = None
+    """The same on the confirmation images, which the choice did not use."""
+    accuracy_verdict: str | None = None
+    """Why the variant is outside the accuracy budget (None: within it)."""
+    class_top1_drop: dict[str, float] | None = None
+    """Top-1 drop per class (label index), in points, on all validation images of that class."""
+    worst_class_drop: tuple[str, float] | None = None
+    """The largest per-class drop among classes with at least ``MIN_CLASS_IMAGES`` validation images."""
 
     def apply_fidelity(self, measured: Fidelity) -> None:
         self.top1, self.top1_drop, self.top1_drop_ci95 = measured.top1, measured.top1_drop, measured.top1_drop_ci95
@@ -100,6 +129,12 @@ class SearchReport:
     search_seconds: float
     cache_key: str = ""
     key_inputs: dict[str, Any] = field(default_factory=dict)
+    selection: dict[str, Any] = field(default_factory=dict)
+    """How the choice was judged: confidence, the selection/confirmation split, images per class, the variants
+    that failed confirmation, and the validation images needed when no lossy variant could be shown."""
+    not_tried: list[str] = field(default_factory=list)
+    """Candidates not started for lack of time (``search.max_minutes``)."""
+    max_minutes: float | None = None
 
     def variant(self, name: str) -> VariantReport:
         return next(v for v in [self.original, *self.candidates] if v.name == name)
@@ -116,7 +151,7 @@ class SearchReport:
 
 
 def _variant_from_json(data: dict[str, Any]) -> VariantReport:
-    for key in ("top1_drop_ci95", "agreement_ci95"):
+    for key in ("top1_drop_ci95", "agreement_ci95", "worst_class_drop"):
         if data.get(key) is not None:
             data[key] = tuple(data[key])
     return VariantReport(**data)
@@ -126,6 +161,69 @@ def _variant_from_json(data: dict[str, Any]) -> VariantReport:
 class _Built:
     report: VariantReport
     predictor: Predictor
+
+
+class SearchSpans:
+    """The search's spans: ``compression.search``, a ``candidate <name>`` child per variant (the original
+    too) carrying its measured figures, and under each ``build``, ``latency`` and ``fidelity``. Latency is
+    measured interleaved across all variants at once, so every ``latency`` span covers that one interval."""
+
+    def __init__(self, tracer: Tracer, model_name: str) -> None:
+        self._tracer = tracer
+        self.root = tracer.start_span("compression.search", attributes={"slimserve.model": model_name})
+        self._candidates: dict[str, Span] = {}
+
+    def candidate(self, name: str, techniques: list[str], realization: dict[str, Any] | None = None) -> None:
+        attributes: dict[str, Any] = {"slimserve.candidate": name, "slimserve.techniques": techniques}
+        for key, value in (realization or {}).items():
+            if isinstance(value, (str, bool, int, float)):
+                attributes[f"slimserve.realization.{key}"] = value
+        context = trace.set_span_in_context(self.root)
+        self._candidates[name] = self._tracer.start_span(f"candidate {name}", context=context, attributes=attributes)
+
+    def step(self, name: str, step: str) -> AbstractContextManager[Span]:
+        """A child of candidate ``name``, current for its duration (exceptions are recorded on it)."""
+        if name not in self._candidates:
+            return nullcontext(trace.INVALID_SPAN)
+        context = trace.set_span_in_context(self._candidates[name])
+        return self._tracer.start_as_current_span(step, context=context)
+
+    def failed(self, name: str, error: str) -> None:
+        if name in self._candidates:
+            self._candidates[name].set_status(Status(StatusCode.ERROR, first_line(error)[:300]))
+
+    def latency(self, names: list[str], start_ns: int, end_ns: int) -> None:
+        for name in names:
+            context = trace.set_span_in_context(self._candidates[name])
+            span = self._tracer.start_span("latency", context=context, start_time=start_ns)
+            span.set_attribute("slimserve.variants_interleaved", len(names))
+            span.end(end_time=end_ns)
+
+    def end(self, reports: list[VariantReport], chosen: str | None, error: BaseException | None = None) -> None:
+        for report in reports:
+            span = self._candidates.pop(report.name, None)
+            if span is None:
+                continue
+            figures = {
+                "slimserve.latency_p50_ms": report.latency_p50_ms,
+                "slimserve.latency_p95_ms": report.latency_p95_ms,
+                "slimserve.top1": report.top1,
+                "slimserve.top1_drop": report.top1_drop,
+                "slimserve.agreement": report.agreement,
+                "slimserve.size_bytes": report.size_bytes,
+                "slimserve.meets_budget": report.meets_budget,
+                "slimserve.chosen": report.name == chosen,
+            }
+            span.set_attributes({key: value for key, value in figures.items() if value is not None})
+            span.end()
+        for span in self._candidates.values():
+            span.end()
+        if chosen is not None:
+            self.root.set_attribute("slimserve.chosen", chosen)
+        if error is not None:
+            self.root.record_exception(error)
+            self.root.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"))
+        self.root.end()
 
 
 def run_search(
@@ -138,6 +236,8 @@ def run_search(
     max_batch_size: int,
     progress: Callable[[str], None] = log.info,
     on_candidate_built: Callable[[str, Predictor], None] | None = None,
+    tracer: Tracer | None = None,
+    clock: Callable[[], float] = time.monotonic,
 ) -> SearchReport:
     """Build and measure every candidate into ``out_dir``; keep only the chosen artifact.
 
@@ -150,7 +250,50 @@ def run_search(
     after the search even though unchosen artifacts are deleted from disk, since it is already loaded).
     It is not called for the original (the caller's own model) nor for a candidate that failed to build.
     An exception it raises ends the search.
+
+    ``tracer``: where the search's spans go (:class:`SearchSpans`); default ``trace.get_tracer(__name__)``,
+    which records nothing unless the process configured a tracer provider.
+
+    ``clock``: the wall clock ``search.max_minutes`` is counted on (seconds; tests pass a synthetic one).
     """
+    spans = SearchSpans(tracer or trace.get_tracer(__name__), model_name)
+    reports: list[VariantReport] = []
+    try:
+        report = _search(
+            model,
+            settings,
+            data,
+            out_dir,
+            model_name=model_name,
+            max_batch_size=max_batch_size,
+            progress=progress,
+            on_candidate_built=on_candidate_built,
+            spans=spans,
+            reports=reports,
+            clock=clock,
+        )
+    except BaseException as exc:
+        spans.end(reports, None, exc)
+        raise
+    spans.end(reports, report.chosen)
+    return report
+
+
+def _search(
+    model: nn.Module,
+    settings: CompressionSettings,
+    data: EvalData,
+    out_dir: Path,
+    *,
+    model_name: str,
+    max_batch_size: int,
+    progress: Callable[[str], None],
+    on_candidate_built: Callable[[str, Predictor], None] | None,
+    spans: SearchSpans,
+    reports: list[VariantReport],
+    clock: Callable[[], float] = time.monotonic,
+) -> SearchReport:
+    """The search itself; ``reports`` collects each variant's report as it is made (for the spans)."""
     started = time.perf_counter()
     device = require_cuda(settings.target.device)
     batch = settings.target.batch_size
@@ -171,52 +314,98 @@ def run_search(
         size_bytes=analysis.state_dict_bytes(model),
         compressed_bytes=analysis.compressed_bytes(model),
     )
+    spans.root.set_attribute("slimserve.device", str(device))
+    spans.candidate(ORIGINAL, original.techniques)
+    reports.append(original)
     built = {ORIGINAL: _Built(original, reference_predictor(model, device, input_shape, serve_batch))}
     score_fn, max_drop = _int8_scorer(model, data.calibration, settings, serve_batch)
     transformed: dict[str, nn.Module] = {}
-    for index, candidate in enumerate(candidates, 1):
-        progress(f"[{index}/{len(candidates)}] candidate {candidate.name}: {' -> '.join(candidate.techniques)}")
-        result = _build(
-            candidate,
-            model,
-            ctx,
-            out_dir / CANDIDATES_DIR / candidate.name,
-            transformed,
-            serve_batch,
-            score_fn,
-            max_drop,
+    deadline = Deadline(settings.search.max_minutes, clock)
+    tasks = plan(candidates)
+    skipped: dict[str, VariantReport] = {}
+    not_tried: list[str] = []
+    for index, candidate in enumerate(tasks, 1):
+        reason = skip_reason(candidate, len(data.calibration), settings.search)
+        if reason is None and not deadline.admits(candidate):
+            reason = (
+                f"not tried: the search's time budget (search.max_minutes {settings.search.max_minutes}) would "
+                f"be exceeded ({deadline.elapsed():.0f} s spent, about {deadline.expected(candidate):.0f} s expected)"
+            )
+            not_tried.append(candidate.name)
+        if reason is not None:
+            skipped[candidate.name] = VariantReport(
+                candidate.name,
+                candidate.techniques,
+                [config_to_dict(s) for s in candidate.steps],
+                candidate.realization.to_dict(),
+                skipped=reason,
+            )
+            progress(f"[{index}/{len(tasks)}] {candidate.name} {reason}")
+            continue
+        progress(
+            f"[{index}/{len(tasks)}] candidate {candidate.name}: {' -> '.join(candidate.techniques)} "
+            f"({deadline.progress(tasks[index - 1 :])})"
         )
+        task_started = clock()
+        spans.candidate(candidate.name, candidate.techniques, candidate.realization.to_dict())
+        with spans.step(candidate.name, "build") as build_span:
+            result = _build(
+                candidate,
+                model,
+                ctx,
+                out_dir / CANDIDATES_DIR / candidate.name,
+                transformed,
+                serve_batch,
+                score_fn,
+                max_drop,
+            )
+            if isinstance(result, VariantReport):
+                build_span.set_status(Status(StatusCode.ERROR, first_line(result.error or "")[:300]))
+        reports.append(result if isinstance(result, VariantReport) else result.report)
         if isinstance(result, VariantReport):
+            spans.failed(candidate.name, result.error or "")
             progress(f"[{index}/{len(candidates)}] {candidate.name} FAILED: {result.error}")
             built[candidate.name] = _Built(result, None)  # type: ignore[arg-type]
         else:
             built[candidate.name] = result
             if on_candidate_built is not None:
                 on_candidate_built(candidate.name, result.predictor)
+        deadline.record(candidate, clock() - task_started)
 
     working = {name: b for name, b in built.items() if b.report.error is None}
     progress(
         f"measuring latency of {len(working)} variants at batch {batch} on {device} "
         f"({settings.measurement.iterations} interleaved rounds)"
     )
+    measuring = time.time_ns()
     latencies = measure_latency(
         {n: b.predictor for n, b in working.items()},
         example,
         warmup=settings.measurement.warmup,
         iterations=settings.measurement.iterations,
     )
-    progress(f"measuring fidelity on {len(data.validation)} held-out images")
-    reference = predict_top1(working[ORIGINAL].predictor, data.validation, serve_batch)
+    spans.latency(list(working), measuring, time.time_ns())
+    parts = split_validation(len(data.validation), settings.data.seed)
+    exact = {c.name: cost_class(c) == LOSSLESS for c in candidates}
+    progress(
+        f"measuring fidelity on {len(data.validation)} held-out images ({len(parts[0])} to select on, "
+        f"{len(parts[1])} to confirm the choice on)"
+    )
+    with spans.step(ORIGINAL, "fidelity"):
+        reference = predict_top1(working[ORIGINAL].predictor, data.validation, serve_batch)
     for name, b in working.items():
         b.report.latency_p50_ms = latencies[name].p50_ms
         b.report.latency_p95_ms = latencies[name].p95_ms
-        predictions = reference if name == ORIGINAL else predict_top1(b.predictor, data.validation, serve_batch)
-        b.report.apply_fidelity(fidelity(predictions, reference, data.validation_labels))
+        with nullcontext() if name == ORIGINAL else spans.step(name, "fidelity"):
+            predictions = reference if name == ORIGINAL else predict_top1(b.predictor, data.validation, serve_batch)
+            b.report.apply_fidelity(fidelity(predictions, reference, data.validation_labels))
+            _judge_fidelity(b.report, predictions, reference, data, settings, parts, exact.get(name, False))
 
     measured = [_measured(b.report) for b in working.values()]
     budget = settings.budget
     for b in working.values():
         m = _measured(b.report)
+        b.report.accuracy_verdict = accuracy_verdict(m, budget)
         b.report.meets_accuracy = meets_accuracy(m, budget)
         b.report.meets_latency = meets_latency(m, budget)
         b.report.meets_budget = b.report.meets_accuracy and b.report.meets_latency
@@ -238,12 +427,67 @@ def run_search(
             "labelled": data.validation_labels is not None,
         },
         original=original,
-        candidates=[b.report for n, b in built.items() if n != ORIGINAL],
+        candidates=[built[c.name].report if c.name in built else skipped[c.name] for c in candidates],
         chosen=choice.name,
         reason=choice.reason,
         budget_met=choice.budget_met,
         search_seconds=round(time.perf_counter() - started, 1),
+        selection={
+            "confidence": budget.confidence,
+            "split_seed": settings.data.seed,
+            "selection_images": len(parts[0]),
+            "confirmation_images": len(parts[1]),
+            "min_class_images": MIN_CLASS_IMAGES,
+            "class_images": _class_images(data.validation_labels),
+            "unconfirmed": list(choice.unconfirmed),
+            "images_needed": choice.images_needed,
+        },
+        not_tried=not_tried,
+        max_minutes=settings.search.max_minutes,
     )
+
+
+def split_validation(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Validation indices to select on and to confirm the choice on: a seeded shuffle cut in half."""
+    order = np.random.default_rng(seed).permutation(n)
+    half = n - n // 2
+    return np.sort(order[:half]), np.sort(order[half:])
+
+
+def _class_images(labels: np.ndarray | None) -> dict[str, int]:
+    if labels is None:
+        return {}
+    values, counts = np.unique(labels, return_counts=True)
+    return {str(int(v)): int(c) for v, c in zip(values, counts, strict=True)}
+
+
+def _judge_fidelity(
+    report: VariantReport,
+    predictions: np.ndarray,
+    reference: np.ndarray,
+    data: EvalData,
+    settings: CompressionSettings,
+    parts: tuple[np.ndarray, np.ndarray],
+    exact: bool,
+) -> None:
+    """The figures selection judges by: evidence on each part, per-class drops, losslessness."""
+    budget, labels = settings.budget, data.validation_labels
+    for attribute, part in zip(("selection", "confirmation"), parts, strict=True):
+        found = evidence(
+            predictions[part],
+            reference[part],
+            None if labels is None else labels[part],
+            confidence=budget.confidence,
+            max_drop=budget.max_accuracy_drop,
+            min_agreement=budget.min_agreement,
+        )
+        setattr(report, attribute, asdict(found))
+    report.lossless = exact and report.name != ORIGINAL and bool((predictions == reference).all())
+    if labels is not None:
+        per_class = class_drops(predictions, reference, labels)
+        report.class_top1_drop = {label: drop for label, (_, drop) in per_class.items()}
+        judged = [(label, drop) for label, (count, drop) in per_class.items() if count >= MIN_CLASS_IMAGES]
+        report.worst_class_drop = max(judged, key=lambda item: item[1]) if judged else None
 
 
 def _build(
@@ -353,7 +597,17 @@ def _int8_scorer(
 
 def _measured(report: VariantReport) -> Measured:
     assert report.latency_p95_ms is not None and report.agreement is not None
-    return Measured(report.name, report.latency_p95_ms, report.top1, report.top1_drop, report.agreement)
+    return Measured(
+        report.name,
+        report.latency_p95_ms,
+        report.top1,
+        report.top1_drop,
+        report.agreement,
+        selection=Evidence(**report.selection) if report.selection else None,
+        confirmation=Evidence(**report.confirmation) if report.confirmation else None,
+        lossless=report.lossless,
+        worst_class_drop=report.worst_class_drop,
+    )
 
 
 def _example(calibration: torch.Tensor, batch: int) -> torch.Tensor:

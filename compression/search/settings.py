@@ -31,6 +31,13 @@ class BudgetSettings(StrictModel):
     on_unmet: Literal["best_accuracy", "original", "fail"] = "best_accuracy"
     """When no candidate meets the latency budget: serve the fastest one that meets the accuracy budget
     (``best_accuracy``), serve the original, or fail the deploy."""
+    confidence: float = Field(0.95, ge=0, lt=1)
+    """Two-sided level of the interval a lossy variant is judged by: it is within ``max_accuracy_drop``
+    only when the upper end of its top-1 drop's interval is, and within ``min_agreement`` only when the
+    lower end of its agreement's interval is (0: the point estimate, the behaviour before intervals)."""
+    max_class_drop: float | None = Field(None, ge=0)
+    """Optional: reject a variant whose top-1 drop on any one class (with at least
+    ``selection.MIN_CLASS_IMAGES`` validation images) exceeds this many points."""
 
     @model_validator(mode="after")
     def _check(self) -> BudgetSettings:
@@ -92,6 +99,17 @@ class MeasurementSettings(StrictModel):
     """Timed calls per candidate, interleaved round-robin across candidates."""
 
 
+class SearchSettings(StrictModel):
+    """How the search spends its time."""
+
+    max_minutes: float | None = Field(None, gt=0)
+    """Wall-clock budget for building candidates (cheap ones first); a candidate that would not finish in
+    time is not started and the report lists it. None: no limit. The final measurement runs after it."""
+    student_min_images: int = Field(2000, ge=0)
+    """A ``student`` step trained from scratch (no ``weights_path``) is skipped, with the reason in the
+    report, when there are fewer calibration images than this."""
+
+
 class CompressionSettings(StrictModel):
     enabled: bool = True
     target: TargetSettings = TargetSettings()
@@ -100,6 +118,7 @@ class CompressionSettings(StrictModel):
     candidates: list[CandidateSettings] | None = None
     """The search space; None = the defaults for the target device (see compression/search/candidates.py)."""
     measurement: MeasurementSettings = MeasurementSettings()
+    search: SearchSettings = SearchSettings()
 
     @model_validator(mode="after")
     def _unique(self) -> CompressionSettings:

@@ -110,7 +110,7 @@ def test_latency_budget_only_some_meet_picks_the_fastest_within_accuracy(searche
 
     variants = [searched.report.original, *searched.report.candidates]
     measured = [_measured(v) for v in variants]
-    accurate = [m for m in measured if m.top1_drop is not None and m.top1_drop <= 1.0]
+    accurate = [m for m, v in zip(measured, variants, strict=True) if v.meets_accuracy]  # bounds, not points
     fastest = min(accurate, key=lambda m: m.latency_p95_ms)
     budget = BudgetSettings(max_latency_ms=fastest.latency_p95_ms * 1.001, max_accuracy_drop=1.0)
     choice = choose(measured, budget)

@@ -133,9 +133,10 @@ def test_most_accurate_chooses_the_best_top1_within_budget_and_keeps_only_its_ar
 def test_the_objective_picks_speed_or_accuracy_within_the_budget(
     tmp_path: Path, objective: str, chosen: str, reason: str
 ) -> None:
-    """A slow exact original against a fast clipped candidate 23 points less accurate, within a 30-point budget."""
+    """A slow exact original against a fast clipped candidate 23 points less accurate (upper bounds about 33
+    points on each 50-image part), within a 50-point budget."""
     report = search(
-        tmp_path, [candidate("clipped", [CLIP])], top1(NET), Sleepy(), objective=objective, max_accuracy_drop=30
+        tmp_path, [candidate("clipped", [CLIP])], top1(NET), Sleepy(), objective=objective, max_accuracy_drop=50
     )
     clipped = report.variant("clipped")
     assert clipped.meets_budget and clipped.latency_p95_ms < 20 <= report.original.latency_p95_ms
