@@ -1,33 +1,41 @@
-"""How much slimserve adds on top of the model: in-process forward vs gRPC end to end, in one run.
+"""How much slimserve adds on top of the model: in-process forward vs gRPC and REST end to end, in one run.
 
     .venv/bin/python -m benchmarks.serve_overhead                     # the bundled digits model
     .venv/bin/python -m benchmarks.serve_overhead --config deploy/examples/resnet18.yaml --model resnet18
     .venv/bin/python -m benchmarks.serve_overhead --config deploy/examples/resnet50-gpu.yaml --model resnet50 \
         --device cuda --concurrency 1 8 64                            # on a GPU (benchmarks/device_config.py)
+    .venv/bin/python -m benchmarks.serve_overhead --protocols grpc   # gRPC only (REST: --protocols http)
 
-Prints (1) the in-process forward p50 at batch 1 vs the gRPC ModelInfer p50 at concurrency 1, timed in
-alternating blocks of calls, and their difference (the serving overhead), and (2) gRPC throughput at
-each concurrency vs the best in-process batched throughput of the same model, with the server's own
-metrics for each level (mean batch, forward time, time in server, share of time the model was busy).
-The original is measured without its compression block (no background search during the load). The
-server runs in its own process; the load generator shares the machine's cores with it, as any client on
-the same host would.
+Prints (1) the in-process forward p50 at batch 1 vs the gRPC ModelInfer p50 and the REST infer p50 at
+concurrency 1, timed in alternating blocks of calls, and their differences (the serving overhead), and
+(2) gRPC and REST throughput at each concurrency vs the best in-process batched throughput of the same
+model, with the server's own metrics for each level (mean batch, forward time, time in server, share of
+time the model was busy). At each concurrency the protocols take turns in halves of the duration (gRPC,
+REST, REST, gRPC), so that both see the same drift of a shared machine. REST requests are KServe v2
+``POST /v2/models/{model}/versions/{version}/infer`` with the input in Triton's binary tensor extension
+and binary outputs asked for, as ``tritonclient.http`` sends them by default, over keep-alive aiohttp
+client connections; like the gRPC request, the body is built once. The original is measured without its
+compression block (no background search during the load). The server runs in its own process; the load
+generator shares the machine's cores with it, as any client on the same host would.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
+import aiohttp
 import grpc
 import numpy as np
 import torch
 
 from benchmarks.common import ServerProcess, ServerSide, metric_totals, slimserve_process, table, time_calls
 from benchmarks.device_config import benchmark_config, device_name
-from clients.loadgen import Call, LoadResult, infer_call, open_channel, run_levels
+from clients.loadgen import Call, LoadResult, infer_call, open_channel, random_input, run_levels, run_load
 from compression.models.loading import load_model
 from compression.models.names import INPUT_NAME, ORIGINAL
 from compression.runtimes.predictor import Predictor
@@ -40,7 +48,11 @@ from server.variants.registry import COMPRESSED_ALIAS
 
 WARMUP_S = 2.0
 BLOCK = 10
-"""Calls per block when in-process and gRPC batch-1 latency alternate."""
+"""Calls per block when in-process, gRPC and REST batch-1 latency alternate."""
+GRPC, HTTP = "grpc", "http"
+PROTOCOLS = (GRPC, HTTP)
+LABELS = {GRPC: "gRPC", HTTP: "REST"}
+INFERENCE_HEADER = "Inference-Header-Content-Length"
 
 
 def served_predictor(config_path: Path | None, model_name: str, variant: str) -> tuple[Predictor, ModelSettings]:
@@ -87,46 +99,166 @@ def in_process_figures(
     return p50_ms, throughput, shape
 
 
+def rest_infer_body(shape: Sequence[int], seed: int = 0) -> tuple[bytes, int]:
+    """The body ``tritonclient.http`` sends for one FP32 input with binary data and no outputs named (all
+    outputs binary), and the length of its JSON header; the tensor is :func:`random_input`, as over gRPC."""
+    array = random_input(shape, seed)
+    header = {
+        "inputs": [
+            {
+                "name": INPUT_NAME,
+                "shape": list(shape),
+                "datatype": "FP32",
+                "parameters": {"binary_data_size": array.nbytes},
+            }
+        ],
+        "parameters": {"binary_data_output": True},
+    }
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    return encoded + array.tobytes(), len(encoded)
+
+
+class RestError(grpc.RpcError):
+    """A REST answer other than 200, raised as an ``RpcError`` so that the load generator counts it as a
+    failed request (under ``HTTP_<status>``) as it counts gRPC's, instead of stopping the run."""
+
+    def __init__(self, status: int, body: bytes) -> None:
+        super().__init__(f"HTTP {status}: {body[:200]!r}")
+        self._code = type("HttpStatus", (), {"name": f"HTTP_{status}"})()
+
+    def code(self) -> object:
+        return self._code
+
+
+def rest_infer_call(
+    session: aiohttp.ClientSession, http_address: str, model: str, shape: Sequence[int], *, version: str = ""
+) -> Call:
+    """A call that POSTs one v2 infer request with a random FP32 tensor of ``shape`` (binary extension);
+    the body is built once, and the answer's JSON header is parsed, as a client would."""
+    body, json_length = rest_infer_body(shape)
+    path = f"/v2/models/{model}" + (f"/versions/{version}" if version else "") + "/infer"
+    url = f"http://{http_address}{path}"
+    headers = {INFERENCE_HEADER: str(json_length), "Content-Type": "application/octet-stream"}
+
+    async def call() -> object:
+        async with session.post(url, data=body, headers=headers) as response:
+            payload = await response.read()
+            if response.status != 200:
+                raise RestError(response.status, payload)
+            length = response.headers.get(INFERENCE_HEADER)
+            return json.loads(payload[: int(length)] if length is not None else payload)
+
+    return call
+
+
+def rest_session(connections: int) -> aiohttp.ClientSession:
+    """Keep-alive connections to the server (create it inside the event loop)."""
+    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=connections), auto_decompress=False)
+
+
 async def interleaved_batch_one(
     address: str, forward: Predictor, model: str, version: str, shape: tuple[int, ...], rounds: int
 ) -> tuple[float, float]:
     """p50 ms of the in-process forward and of a gRPC request at concurrency 1, batch 1, measured in
     alternating blocks so that both see the same machine (a shared host drifts by more than the overhead)."""
-    channel = open_channel(address)
-    call = infer_call(channel, model, INPUT_NAME, [1, *shape], version=version)
+    p50 = await interleaved_protocols(address, None, forward, model, version, shape, rounds)
+    return p50["in-process"], p50[GRPC]
+
+
+async def interleaved_protocols(
+    address: str | None,
+    http_address: str | None,
+    forward: Predictor,
+    model: str,
+    version: str,
+    shape: tuple[int, ...],
+    rounds: int,
+) -> dict[str, float]:
+    """p50 ms of the in-process forward (``"in-process"``) and of a request at concurrency 1, batch 1, over
+    gRPC to ``address`` and REST to ``http_address`` (each where given), in alternating blocks."""
+    channel = open_channel(address) if address else None
+    session = rest_session(1) if http_address else None
+    calls: dict[str, Call] = {}
+    if channel is not None:
+        calls[GRPC] = infer_call(channel, model, INPUT_NAME, [1, *shape], version=version)
+    if session is not None and http_address:
+        calls[HTTP] = rest_infer_call(session, http_address, model, [1, *shape], version=version)
     batch = torch.randn(1, *shape)
-    local: list[float] = []
-    remote: list[float] = []
+    samples: dict[str, list[float]] = {"in-process": [], **{name: [] for name in calls}}
     try:
-        for _ in range(5):
-            await call()
+        for call in calls.values():
+            for _ in range(5):
+                await call()
         for _ in range(rounds):
             with torch.inference_mode():
-                local.extend(time_calls(lambda: forward(batch), warmup=2, iterations=BLOCK))
-            for _ in range(BLOCK):
-                started = time.perf_counter()
-                await call()
-                remote.append(time.perf_counter() - started)
+                samples["in-process"].extend(time_calls(lambda: forward(batch), warmup=2, iterations=BLOCK))
+            for name, call in calls.items():
+                for _ in range(BLOCK):
+                    started = time.perf_counter()
+                    await call()
+                    samples[name].append(time.perf_counter() - started)
     finally:
-        await channel.close()
-    return float(np.median(local)) * 1e3, float(np.median(remote)) * 1e3
+        if channel is not None:
+            await channel.close()
+        if session is not None:
+            await session.close()
+    return {name: float(np.median(seconds)) * 1e3 for name, seconds in samples.items()}
 
 
-async def grpc_load(
-    server: ServerProcess, model: str, version: str, shape: tuple[int, ...], concurrency: list[int], duration_s: float
-) -> dict[int, tuple[LoadResult, ServerSide]]:
-    """Each concurrency level in turn, with the server's own account of it (warm-up included)."""
-
-    def make_call(channel: grpc.aio.Channel) -> Call:
-        return infer_call(channel, model, INPUT_NAME, [1, *shape], version=version)
-
+async def protocol_load(
+    server: ServerProcess,
+    protocols: Sequence[str],
+    model: str,
+    version: str,
+    shape: tuple[int, ...],
+    concurrency: list[int],
+    duration_s: float,
+) -> dict[tuple[int, str], tuple[LoadResult, ServerSide]]:
+    """Each concurrency level in turn; within a level, with more than one protocol, each protocol runs twice
+    for half the duration, in mirrored order (gRPC, REST, REST, gRPC), and its halves are pooled. With the
+    server's own account of each protocol's share (warm-ups included)."""
+    if len(protocols) == 1:
+        turns, seconds = list(protocols), duration_s
+    else:
+        turns, seconds = [*protocols, *reversed(protocols)], duration_s / 2
     results = {}
     for level in concurrency:
-        before, started = metric_totals(server.metrics_url), time.perf_counter()
-        load = await run_levels(server.address, make_call, [level], duration_s=duration_s, warmup_s=WARMUP_S)
-        inside = ServerSide.between(before, metric_totals(server.metrics_url), time.perf_counter() - started)
-        results[level] = (load[level], inside)
+        latencies: dict[str, list[float]] = {p: [] for p in protocols}
+        errors: dict[str, dict[str, int]] = {p: {} for p in protocols}
+        elapsed = dict.fromkeys(protocols, 0.0)
+        inside: dict[str, dict[str, float]] = {p: {} for p in protocols}
+        inside_s = dict.fromkeys(protocols, 0.0)
+        for protocol in turns:
+            before, started = metric_totals(server.metrics_url), time.perf_counter()
+            result = await _load_once(server, protocol, model, version, shape, level, seconds)
+            after = metric_totals(server.metrics_url)
+            inside_s[protocol] += time.perf_counter() - started
+            for name, value in after.items():
+                inside[protocol][name] = inside[protocol].get(name, 0.0) + value - before.get(name, 0.0)
+            latencies[protocol].extend((result.latencies_ms / 1e3).tolist())
+            for code, count in result.errors.items():
+                errors[protocol][code] = errors[protocol].get(code, 0) + count
+            elapsed[protocol] += result.elapsed_s
+        for protocol in protocols:
+            pooled = LoadResult.from_latencies(
+                latencies[protocol], errors[protocol], elapsed_s=elapsed[protocol], concurrency=level
+            )
+            results[(level, protocol)] = (pooled, ServerSide.between({}, inside[protocol], inside_s[protocol]))
     return results
+
+
+async def _load_once(
+    server: ServerProcess, protocol: str, model: str, version: str, shape: tuple[int, ...], level: int, seconds: float
+) -> LoadResult:
+    if protocol == GRPC:
+
+        def make_call(channel: grpc.aio.Channel) -> Call:
+            return infer_call(channel, model, INPUT_NAME, [1, *shape], version=version)
+
+        return (await run_levels(server.address, make_call, [level], duration_s=seconds, warmup_s=WARMUP_S))[level]
+    async with rest_session(level) as session:
+        call = rest_infer_call(session, server.http_address, model, [1, *shape], version=version)
+        return await run_load(call, concurrency=level, duration_s=seconds, warmup_s=WARMUP_S)
 
 
 def main() -> None:
@@ -137,13 +269,21 @@ def main() -> None:
         "--variant",
         choices=[ORIGINAL, COMPRESSED_ALIAS],
         default=ORIGINAL,
-        help="which variant to measure, in process and pinned over gRPC (compressed: from the cache)",
+        help="which variant to measure, in process and pinned over gRPC and REST (compressed: from the cache)",
     )
-    parser.add_argument("--duration", type=float, default=10.0, help="seconds of load per concurrency")
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds of load per concurrency and protocol")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--iterations", type=int, default=200, help="in-process timed forward passes")
     parser.add_argument("--device", help="serve the model on this device instead (cuda, cuda:N): GPU batching defaults")
+    parser.add_argument(
+        "--protocols",
+        nargs="+",
+        choices=PROTOCOLS,
+        default=list(PROTOCOLS),
+        help="gRPC ModelInfer and/or REST (KServe v2 HTTP, binary tensors); default both",
+    )
     args = parser.parse_args()
+    protocols = [p for p in PROTOCOLS if p in args.protocols]
     args.config = benchmark_config(
         args.config, args.model, device=args.device, compression=args.variant == COMPRESSED_ALIAS
     )
@@ -152,33 +292,40 @@ def main() -> None:
     batched, shape = in_process(forward, settings, args.iterations)
     best_size = max(batched, key=batched.__getitem__)
     with slimserve_process(args.config) as server:
-        forward_p50, c1_p50 = asyncio.run(
-            interleaved_batch_one(
-                server.address, forward, args.model, args.variant, shape, max(1, args.iterations // BLOCK)
+        p50 = asyncio.run(
+            interleaved_protocols(
+                server.address if GRPC in protocols else None,
+                server.http_address if HTTP in protocols else None,
+                forward,
+                args.model,
+                args.variant,
+                shape,
+                max(1, args.iterations // BLOCK),
             )
         )
-        results = asyncio.run(grpc_load(server, args.model, args.variant, shape, args.concurrency, args.duration))
+        results = asyncio.run(
+            protocol_load(server, protocols, args.model, args.variant, shape, args.concurrency, args.duration)
+        )
 
     print(
         f"\nmodel {args.model!r}, variant {args.variant!r}, input {[1, *shape]}, "
         f"on {device_name(args.config, args.model)}, {torch.get_num_threads()} torch threads\n"
     )
-    print(
-        table(
-            ["measure (alternating blocks)", "p50 ms"],
-            [
-                ["in-process forward, batch 1", f"{forward_p50:.3f}"],
-                ["gRPC ModelInfer, concurrency 1", f"{c1_p50:.3f}"],
-                ["serving overhead (difference)", f"{c1_p50 - forward_p50:.3f}"],
-            ],
-        )
-    )
+    forward_p50 = p50["in-process"]
+    single = [["in-process forward, batch 1", f"{forward_p50:.3f}"]]
+    what = {GRPC: "gRPC ModelInfer", HTTP: "REST infer (binary tensors)"}
+    single += [[f"{what[p]}, concurrency 1", f"{p50[p]:.3f}"] for p in protocols]
+    if len(protocols) == 1:
+        single.append(["serving overhead (difference)", f"{p50[protocols[0]] - forward_p50:.3f}"])
+    else:
+        single += [[f"serving overhead, {LABELS[p]} (difference)", f"{p50[p] - forward_p50:.3f}"] for p in protocols]
+    print(table(["measure (alternating blocks)", "p50 ms"], single))
     print()
     rows = [[f"in-process, batch {best_size} (best)", f"{batched[best_size]:.0f}", "", "", "1.00", "", "", "", ""]]
-    for level, (result, inside) in results.items():
+    for (level, protocol), (result, inside) in results.items():
         rows.append(
             [
-                f"gRPC, concurrency {level}",
+                f"{LABELS[protocol]}, concurrency {level}",
                 f"{result.throughput:.0f}",
                 f"{result.p50_ms:.2f}",
                 f"{result.p99_ms:.2f}",
@@ -193,7 +340,8 @@ def main() -> None:
     print(table([*headers, "server: mean batch", "forward ms", "in-server ms", "model busy"], rows))
     errors = sum(r.error_count for r, _ in results.values())
     if errors:
-        print(f"\n{errors} requests failed: {[r.errors for r, _ in results.values()]}")
+        failed = {f"{LABELS[p]} c{level}": r.errors for (level, p), (r, _) in results.items() if r.errors}
+        print(f"\n{errors} requests failed: {failed}")
 
 
 if __name__ == "__main__":
