@@ -38,3 +38,7 @@ class ResourceExhausted(ServingError):
 
 class DeadlineExceeded(ServingError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class FailedPrecondition(ServingError):
+    code = grpc.StatusCode.FAILED_PRECONDITION

@@ -22,9 +22,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
-from compression.models.images import ImagePreprocessor
-from compression.models.loading import load_model
-from compression.models.names import ORIGINAL
 from protos import (
     DESCRIPTOR_POOL,
     admin_pb2,
@@ -35,21 +32,20 @@ from protos import (
     grpc_service_pb2_grpc,
 )
 from server.batching.batcher import Forward
-from server.config.settings import DeployConfig, ModelSettings, ServerSettings
+from server.config.settings import DeployConfig, ServerSettings
 from server.dataplane import DataPlane
 from server.observability.gpu_metrics import register_gpu_metrics
 from server.observability.metrics import MetricsEndpoint, ServerMetrics
+from server.observability.tracing import Tracing
 from server.process.torch_threads import run_in_passing_thread
+from server.repository import ModelRepository
 from server.transport.admin import AdminServicer
 from server.transport.classify import ClassifierServicer
 from server.transport.kserve import KServeServicer
 from server.transport.rest import RestEndpoint
 from server.transport.security import add_port, server_interceptors
 from server.variants.compressed import CompressedVariants
-from server.variants.guardrail import Guardrail
-from server.variants.original import original_predictor
-from server.variants.registry import ModelRegistry, ServedModel
-from server.variants.shadow import ShadowComparer
+from server.variants.registry import ModelRegistry
 
 log = logging.getLogger("slimserve.app")
 
@@ -74,8 +70,13 @@ class SlimServer:
         self._inference_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
         self._decode_pool = ThreadPoolExecutor(max_workers=config.server.decode_threads, thread_name_prefix="decode")
         self.registry = ModelRegistry(self.metrics, self._inference_pool)
-        self.plane = DataPlane(self.registry, self.metrics, self._decode_pool)
+        self.tracing = Tracing(config.server.tracing)
+        self.plane = DataPlane(self.registry, self.metrics, self._decode_pool, self.tracing.tracer)
         self.compressed = CompressedVariants(config, self.registry, self.metrics.deploy, self._inference_pool, _warm_up)
+        self.repository = ModelRepository(
+            config, self.plane, self.compressed, self.metrics, self._inference_pool, _warm_up
+        )
+        self._model_control = self.repository if config.server.model_control == "explicit" else None
         self._health = health_aio.HealthServicer()
         self._ready = False
         self._grpc: grpc.aio.Server | None = None
@@ -100,7 +101,7 @@ class SlimServer:
         await self._listen()
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         for settings in self.config.models:
-            await self._load(settings)
+            await self.repository.load(settings)
         self._ready = True
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info("ready: serving %s", ", ".join(m.name for m in self.registry.models()))
@@ -125,6 +126,7 @@ class SlimServer:
         for shadow in self.plane.shadows.values():
             await shadow.stop()
         await self.registry.stop()
+        await run_in_passing_thread(self.tracing.shutdown)  # NOTE: exports the spans still buffered
         if self._metrics_endpoint is not None:
             self._metrics_endpoint.close()
         self._inference_pool.shutdown(wait=True)
@@ -144,7 +146,7 @@ class SlimServer:
             ],
         )
         grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-            KServeServicer(self.plane, lambda: self._ready), self._grpc
+            KServeServicer(self.plane, lambda: self._ready, self._model_control), self._grpc
         )
         classifier_pb2_grpc.add_ClassifierServicer_to_server(
             ClassifierServicer(self.plane, lambda: self._ready), self._grpc
@@ -178,56 +180,30 @@ class SlimServer:
 
     async def _listen_http(self, server_settings: ServerSettings) -> None:
         assert server_settings.http_port is not None
-        self._rest = RestEndpoint(self.plane, lambda: self._ready, server_settings)
+        self._rest = RestEndpoint(self.plane, lambda: self._ready, server_settings, self._model_control)
         try:
             await self._rest.start(server_settings.host, server_settings.http_port)
         except OSError as exc:
             address = _address(server_settings.host, server_settings.http_port)
             raise StartupError(f"cannot listen for HTTP on {address}: {exc}") from exc
 
-    async def _load(self, settings: ModelSettings) -> None:
-        started = time.perf_counter()
-        cache_dir = self.config.resolved_cache_dir()
-        loaded = await run_in_passing_thread(load_model, settings, cache_dir)
-        server_settings = self.config.server
-        preprocessor = ImagePreprocessor(
-            settings.preprocessing, server_settings.max_image_pixels, server_settings.allowed_image_formats
-        )
-        model = ServedModel(settings, loaded.labels, loaded.input_shape, loaded.num_classes, preprocessor)
-        forward = original_predictor(loaded, settings)
-        await asyncio.get_running_loop().run_in_executor(
-            self._inference_pool, _warm_up, forward, loaded.input_shape, settings.batching.max_batch_size
-        )
-        self.registry.add_model(model)
-        self.registry.add_variant(model, ORIGINAL, forward)
-        self._compare_live(model)
-        seconds = time.perf_counter() - started
-        self.metrics.load_seconds.labels(model.name, ORIGINAL).set(seconds)
-        log.info(
-            "model %r variant %r warm after %.2f s (max batch %d)", model.name, ORIGINAL, seconds, model.max_batch_size
-        )
-        await self.compressed.attach(model, loaded)
-
-    def _compare_live(self, model: ServedModel) -> None:
-        """Shadow comparison and guardrail for ``model``; idle until it has a compressed variant."""
-        settings = model.settings
-        if settings.compression is not None:
-            self.metrics.deploy.record_budget(model.name, settings.compression)
-        guardrail = Guardrail(model, settings.guardrail, self.registry, self.metrics.shadow)
-        shadow = ShadowComparer(model, settings.shadow, guardrail, self.metrics.shadow, self._inference_pool)
-        shadow.start()
-        self.plane.shadows[model.name] = shadow
-
     async def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType) -> None:
         for service in ("", *SERVICE_NAMES):
             await self._health.set(service, status)
 
 
-def _warm_up(forward: Forward, input_shape: tuple[int, int, int], max_batch: int) -> None:
+def _warm_up(forward: Forward, input_shape: tuple[int, int, int], max_batch: int) -> dict[int, float]:
+    """Run batches of 1 and ``max_batch`` twice each; returns the second run's seconds per batch size (they
+    seed the serving policy's latency tables)."""
+    timings = {}
     with torch.inference_mode():
         for batch in sorted({1, max_batch}):
+            inputs = torch.from_numpy(np.zeros((batch, *input_shape), dtype=np.float32))
             for _ in range(2):
-                forward(torch.from_numpy(np.zeros((batch, *input_shape), dtype=np.float32)))
+                started = time.perf_counter()
+                forward(inputs)
+                timings[batch] = time.perf_counter() - started
+    return timings
 
 
 def _enable_reflection(server: grpc.aio.Server) -> None:

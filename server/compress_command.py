@@ -12,6 +12,7 @@ from compression.search.pipeline import compress
 from compression.search.report import HEADERS, PARETO_PNG, REPORT_JSON, REPORT_MD, summary_rows
 from compression.search.selection import BudgetUnmet
 from server.config.settings import DeployConfig
+from server.observability.tracing import process_tracing
 
 log = logging.getLogger("slimserve.compress")
 
@@ -19,6 +20,13 @@ EXIT_FAILED, EXIT_BUDGET_UNMET = 1, 3
 
 
 def run_compress(config: DeployConfig, only: str | None, out: Path | None) -> int:
+    """Search every model with an enabled compression block (or only ``only``); with ``server.tracing`` on, the
+    search's spans (one per candidate) are exported too."""
+    with process_tracing(config.server.tracing):
+        return _run_compress(config, only, out)
+
+
+def _run_compress(config: DeployConfig, only: str | None, out: Path | None) -> int:
     models = [m for m in config.models if m.compression is not None and m.compression.enabled]
     if only is not None:
         models = [m for m in models if m.name == only]

@@ -8,16 +8,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
 import grpc
 import numpy as np
+from opentelemetry.trace import Link, Span, Tracer
+from opentelemetry.util.types import Attributes
 
 from protos.errors import InvalidArgument, ServingError
 from protos.tensors import softmax, top_k_indices
-from server.batching.batcher import BatchResult
+from server.batching.batcher import BATCH_SIZE, BatchResult, TraceLink
+from server.observability import tracing
 from server.observability.metrics import ServerMetrics
 from server.variants.registry import ModelRegistry, ServedModel, Variant
 from server.variants.shadow import ShadowComparer
@@ -40,13 +43,53 @@ class RequestTrack:
     enqueued: float | None = None
     result: BatchResult | None = None
     _inflight_labels: tuple[str, str] | None = None
+    span: Span | None = None
+    """The request's server span while tracing records it; None otherwise (tracing off: always), and then
+    nothing else is traced for the request."""
+    tracer: Tracer | None = None
+    answered: float | None = None
+    """When the model's outputs were ready: the start of the ``response`` span (traced requests only)."""
+
+    def start_span(self, tracer: Tracer, name: str, carrier: Mapping[str, str], attributes: Attributes) -> None:
+        """Trace this request (tracing on): a server span, a child of the caller's ``traceparent`` in ``carrier``."""
+        self.tracer = tracer
+        self.span = tracing.server_span(tracer, name, carrier, attributes)
 
     def bind(self, model: ServedModel, variant: Variant) -> None:
         self.model, self.variant = model.name, variant
         self._inflight_labels = (model.name, variant.name)
         self.metrics.inflight.labels(*self._inflight_labels).inc()
+        if self.span is not None:
+            self.span.set_attributes({tracing.MODEL: model.name, tracing.VARIANT: variant.name})
 
-    def finish(self, code: grpc.StatusCode) -> None:
+    def link(self) -> TraceLink | None:
+        """What the batcher needs to trace this request's forward pass; None when the request is not traced."""
+        if self.span is None or self.tracer is None:
+            return None
+        variant = self.variant.name if self.variant else ""
+        return TraceLink(
+            self.tracer, self.span.get_span_context(), {tracing.MODEL: self.model, tracing.VARIANT: variant}
+        )
+
+    def record_queue(self, enqueued: float, result: BatchResult) -> None:
+        """The ``queue`` child (submit to batch start), linked to the batch's ``forward`` span."""
+        if self.span is None or self.tracer is None:
+            return
+        links = [Link(result.batch_span)] if result.batch_span is not None else None
+        tracing.child_span(
+            self.tracer,
+            self.span,
+            "queue",
+            enqueued,
+            enqueued + result.queue_seconds,
+            {BATCH_SIZE: result.batch_size},
+            links,
+        )
+
+    def finish(self, code: grpc.StatusCode, message: str = "", http_status: int | None = None) -> None:
+        """Account for the outcome; a traced request's span gets ``code`` (gRPC) or ``http_status`` (REST)."""
+        if self.span is not None:
+            self._end_span(code, message, http_status)
         self.on_finish()
         total = time.perf_counter() - self.started
         variant = self.variant.name if self.variant else ""
@@ -63,6 +106,14 @@ class RequestTrack:
         self.metrics.queue_duration.labels(self.model, variant).observe(queue)
         parse = self.enqueued - self.started
         self.variant.stats.record_success(total, queue, parse, infer, max(0.0, total - parse - queue - infer))
+
+    def _end_span(self, code: grpc.StatusCode, message: str, http_status: int | None) -> None:
+        assert self.span is not None and self.tracer is not None
+        if self.result is not None:
+            self.span.set_attribute(BATCH_SIZE, self.result.batch_size)
+        if code is grpc.StatusCode.OK and self.answered is not None:
+            tracing.child_span(self.tracer, self.span, "response", self.answered, time.perf_counter())
+        tracing.end_server_span(self.span, code, message, http_status)
 
 
 @dataclass(frozen=True)
@@ -82,10 +133,14 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
 
 
 class DataPlane:
-    def __init__(self, registry: ModelRegistry, metrics: ServerMetrics, decode_pool: Executor) -> None:
+    def __init__(
+        self, registry: ModelRegistry, metrics: ServerMetrics, decode_pool: Executor, tracer: Tracer | None = None
+    ) -> None:
         self.registry = registry
         self.metrics = metrics
         self._decode_pool = decode_pool
+        self.tracer = tracer
+        """Set while tracing is on (``server.tracing``): the transport then starts a span per request."""
         self.active_requests = 0
         """Requests received and not yet answered (all methods that run inference)."""
         self.shadows: dict[str, ShadowComparer] = {}
@@ -108,7 +163,12 @@ class DataPlane:
     async def infer(self, variant: Variant, inputs: np.ndarray, track: RequestTrack) -> np.ndarray:
         """Run ``inputs`` (batch, C, H, W) through the variant's batcher; returns its logits."""
         track.enqueued = time.perf_counter()
-        track.result = await variant.batcher.submit(inputs)
+        if track.span is None:
+            track.result = await variant.batcher.submit(inputs)
+        else:
+            track.result = await variant.batcher.submit(inputs, track.link())
+            track.record_queue(track.enqueued, track.result)
+            track.answered = time.perf_counter()
         self._offer_shadow(track.model, variant, inputs, track.result.outputs)
         return track.result.outputs
 
@@ -121,12 +181,21 @@ class DataPlane:
         if len(images) > limit:
             raise InvalidArgument(f"{len(images)} images in one request; the limit is {limit}")
         k = min(top_k or DEFAULT_TOP_K, model.num_classes)
+        decoding = time.perf_counter()
         rows = await self._decode(model, images)
         chunk = model.max_batch_size
         parts = [rows[i : i + chunk] for i in range(0, len(rows), chunk)]
         track.enqueued = time.perf_counter()
-        results = await asyncio.gather(*(variant.batcher.submit(part) for part in parts))
+        link = track.link()
+        results = await asyncio.gather(*(variant.batcher.submit(part, link) for part in parts))
         track.result = results[0]
+        if track.span is not None and track.tracer is not None:
+            tracing.child_span(
+                track.tracer, track.span, "decode", decoding, track.enqueued, {tracing.IMAGES: len(images)}
+            )
+            for result in results:
+                track.record_queue(track.enqueued, result)
+            track.answered = time.perf_counter()
         logits = np.concatenate([r.outputs for r in results]) if len(results) > 1 else results[0].outputs
         self._offer_shadow(model.name, variant, rows, logits)
         scores = softmax(logits)

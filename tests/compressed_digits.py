@@ -23,8 +23,10 @@ def digits_config(cache_dir: Path, **model_fields: object) -> DeployConfig:
     """Digits with a one-candidate search, caching under ``cache_dir``; ``model_fields`` override settings."""
     compression = CompressionSettings.model_validate(
         {
-            "budget": {"max_latency_ms": 50, "max_accuracy_drop": 1.0},
-            "data": {"calibration_size": 256, "validation_size": 200},
+            # NOTE: the whole 500-image validation split, and 2 points: int8 must be shown within the budget by
+            # the upper end of its interval on each 250-image half (honest selection), not by a point estimate.
+            "budget": {"max_latency_ms": 50, "max_accuracy_drop": 2.0},
+            "data": {"calibration_size": 256, "validation_size": 500},
             "measurement": {"warmup": 3, "iterations": 20},
             "candidates": [{"name": CHOSEN, "realization": {"runtime": "onnxruntime", "precision": "int8"}}],
         }

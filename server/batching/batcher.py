@@ -7,6 +7,11 @@ last batch ran, for that many: under steady concurrent load batches fill, while 
 batch: its one request) is never delayed. The forward pass runs on an executor thread, never on the
 event loop. Requests whose callers went away (cancelled or past their deadline) are dropped before
 they reach the model.
+
+Tracing (server/observability/tracing.py): a request submitted with a :class:`TraceLink` is traced;
+each forward pass serving at least one such request is one ``forward`` span, a child of the first of
+them and linked to all, whose context comes back in :attr:`BatchResult.batch_span`. Untraced batches
+(tracing off: every batch) do no tracing work.
 """
 
 from __future__ import annotations
@@ -16,12 +21,15 @@ import logging
 import time
 import warnings
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from opentelemetry import trace
+from opentelemetry.trace import Link, Span, SpanContext, Status, StatusCode, Tracer
+from opentelemetry.util.types import AttributeValue
 
 from protos.errors import InvalidArgument, ResourceExhausted, Unavailable
 
@@ -42,6 +50,24 @@ class BatchResult:
     compute_seconds: float
     batch_size: int
     """Rows in the forward pass that served this request (shared with other requests)."""
+    batch_span: SpanContext | None = None
+    """The forward pass's span, when the request was traced (for a link from the request's own spans)."""
+
+
+@dataclass(frozen=True)
+class TraceLink:
+    """What a traced request tells its batch: the tracer to record the batch with, its span, and the
+    attributes the batch span copies (model, variant)."""
+
+    tracer: Tracer
+    context: SpanContext
+    attributes: Mapping[str, AttributeValue]
+
+
+BATCH_SIZE = "slimserve.batch.size"
+"""Span attribute: rows in the forward pass (on ``forward``, and on the request and ``queue`` spans it served)."""
+BATCH_REQUESTS = "slimserve.batch.requests"
+"""Span attribute: requests the forward pass served."""
 
 
 @dataclass(frozen=True)
@@ -59,6 +85,7 @@ class BatchRecord:
 class _Pending:
     inputs: np.ndarray
     future: asyncio.Future[BatchResult]
+    link: TraceLink | None = None
     enqueued_at: float = field(default_factory=time.perf_counter)
 
 
@@ -100,6 +127,11 @@ class DynamicBatcher:
         return len(self._pending)
 
     @property
+    def queued_rows(self) -> int:
+        """Rows waiting for a batch (the batch running now not included)."""
+        return sum(pending.inputs.shape[0] for pending in self._pending)
+
+    @property
     def idle(self) -> bool:
         return self._idle.is_set()
 
@@ -124,8 +156,8 @@ class DynamicBatcher:
             await self._task
             self._task = None
 
-    async def submit(self, inputs: np.ndarray) -> BatchResult:
-        """Queue ``inputs`` (rows, ...) and wait for this request's outputs."""
+    async def submit(self, inputs: np.ndarray, link: TraceLink | None = None) -> BatchResult:
+        """Queue ``inputs`` (rows, ...) and wait for this request's outputs; with ``link``, the request is traced."""
         rows = inputs.shape[0]
         if not 1 <= rows <= self._max_batch_size:
             raise InvalidArgument(f"batch size {rows} is outside 1..{self._max_batch_size} (max_batch_size)")
@@ -135,7 +167,7 @@ class DynamicBatcher:
             raise ResourceExhausted(
                 f"inference queue is full ({self._max_queue_size} requests waiting); retry after a short backoff"
             )
-        pending = _Pending(inputs, asyncio.get_running_loop().create_future())
+        pending = _Pending(inputs, asyncio.get_running_loop().create_future(), link)
         self._pending.append(pending)
         self._queued_rows += rows
         self._idle.clear()
@@ -188,11 +220,17 @@ class DynamicBatcher:
 
     async def _execute(self, batch: list[_Pending]) -> None:
         started = time.perf_counter()
+        span = _batch_span(batch) if any(p.link is not None for p in batch) else None
+        batch_span = span.get_span_context() if span is not None else None
         loop = asyncio.get_running_loop()
         try:
             outputs = await loop.run_in_executor(self._executor, self._forward_rows, [p.inputs for p in batch])
         except Exception as exc:  # noqa: BLE001 - every caller of this batch must hear about it
             log.exception("forward pass failed for a batch of %d requests", len(batch))
+            if span is not None:
+                span.record_exception(exc)
+                span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
+                span.end()
             self._on_batch(
                 BatchRecord(sum(p.inputs.shape[0] for p in batch), len(batch), time.perf_counter() - started, False)
             )
@@ -201,6 +239,8 @@ class DynamicBatcher:
                     pending.future.set_exception(exc)
             return
         compute = time.perf_counter() - started
+        if span is not None:
+            span.end()
         self._on_batch(BatchRecord(outputs.shape[0], len(batch), compute, True))
         offset = 0
         for pending in batch:
@@ -208,7 +248,11 @@ class DynamicBatcher:
             if not pending.future.done():
                 pending.future.set_result(
                     BatchResult(
-                        outputs[offset : offset + rows], started - pending.enqueued_at, compute, outputs.shape[0]
+                        outputs[offset : offset + rows],
+                        started - pending.enqueued_at,
+                        compute,
+                        outputs.shape[0],
+                        batch_span if pending.link is not None else None,
                     )
                 )
             offset += rows
@@ -220,3 +264,21 @@ class DynamicBatcher:
         with torch.inference_mode():
             outputs = self._forward(batch)
         return outputs.detach().to("cpu", torch.float32).numpy()
+
+
+def _batch_span(batch: list[_Pending]) -> Span:
+    """The ``forward`` span of a batch with traced requests: one per batch, since a batch serves many requests;
+    a child of the first traced one (so it is sampled whenever a request in it is) and linked to each."""
+    traced = [p.link for p in batch if p.link is not None]
+    first = traced[0]
+    attributes = {
+        **first.attributes,
+        BATCH_SIZE: sum(p.inputs.shape[0] for p in batch),
+        BATCH_REQUESTS: len(batch),
+    }
+    return first.tracer.start_span(
+        "forward",
+        context=trace.set_span_in_context(trace.NonRecordingSpan(first.context)),
+        links=[Link(t.context) for t in traced],
+        attributes=attributes,
+    )

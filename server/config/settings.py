@@ -63,9 +63,33 @@ class GuardrailSettings(StrictModel):
         return self
 
 
+class ServingSettings(StrictModel):
+    """Which variant answers requests that do not name one (``server/variants/policy.py``)."""
+
+    policy: Literal["compressed", "original", "adaptive"] = "compressed"
+    """``compressed``: the compressed variant once it is chosen; ``original``: always the original;
+    ``adaptive``: the original while ``slo_p95_ms`` holds with the queue in front of it, the compressed
+    variant when it would not."""
+    slo_p95_ms: float | None = Field(None, gt=0)
+    """The latency objective (ms, p95 of requests) that ``adaptive`` keeps; with any policy it is exported
+    (``slimserve_serving_slo_seconds``) for the dashboard and the capacity alert."""
+    return_below: float = Field(0.7, gt=0, le=1)
+    """``adaptive`` moves back to the original only when its predicted latency is below this share of the
+    objective (hysteresis)."""
+    min_hold_s: float = Field(1.0, ge=0, le=600)
+    """...and no sooner than this long after its last move."""
+
+    @model_validator(mode="after")
+    def _check(self) -> ServingSettings:
+        if self.policy == "adaptive" and self.slo_p95_ms is None:
+            raise ValueError("policy adaptive needs slo_p95_ms: the latency objective it keeps")
+        return self
+
+
 class ModelSettings(CompressibleModel):
     """One entry of ``models``: the model (:class:`ModelSpec`), its compression block, and how it is served."""
 
+    serving: ServingSettings = ServingSettings()
     max_images_per_request: int = Field(64, ge=1)
     """Classify requests with more images are rejected with INVALID_ARGUMENT."""
     shadow: ShadowSettings = ShadowSettings()
@@ -113,6 +137,22 @@ class AuthSettings(StrictModel):
         return self.tokens_file is not None or self.tokens_env is not None
 
 
+class TracingSettings(StrictModel):
+    """OpenTelemetry tracing: a span per request (and per batch, per compression candidate), exported over
+    OTLP/gRPC. Off by default; when off no tracer, exporter or span exists (docs/operations.md, "Tracing")."""
+
+    enabled: bool = False
+    """Export spans to ``otlp_endpoint``; ``false`` = no tracing work at all."""
+    otlp_endpoint: str = "http://127.0.0.1:4317"
+    """OTLP/gRPC receiver (an OpenTelemetry Collector, Jaeger, Tempo): ``http://`` = plaintext, ``https://`` =
+    TLS with the system's CA certificates."""
+    sampling_ratio: float = Field(1.0, ge=0, le=1)
+    """Share of traces recorded when the caller sends no ``traceparent`` (``ParentBased(TraceIdRatioBased)``);
+    a caller's ``traceparent`` decides for its own requests."""
+    service_name: str = Field("slimserve", min_length=1)
+    """``service.name`` of the spans, as the tracing backend lists them."""
+
+
 class ServerSettings(StrictModel):
     host: str = "0.0.0.0"
     grpc_port: int = Field(8001, ge=0, le=65535)
@@ -142,6 +182,8 @@ class ServerSettings(StrictModel):
     (``RepositoryModelLoad``/``Unload``, ``POST /v2/repository/models/{m}/load|unload``), as Triton's
     ``--model-control-mode=explicit``; models loaded so are not written back to the config file.
     ``none``: both calls are refused and the config file is the only source of models."""
+    tracing: TracingSettings = TracingSettings()
+    """OpenTelemetry spans over OTLP/gRPC (requests, batches, the compression search); off by default."""
 
 
 class DeployConfig(StrictModel):
@@ -219,30 +261,31 @@ def format_validation_error(path: Path, exc: ValidationError) -> str:
     return "\n".join(lines)
 
 
+def resolve_model_paths(model: ModelSettings, base: Path) -> ModelSettings:
+    """``model`` with its relative file paths (weights, source files, labels, data) taken from ``base``."""
+
+    def resolve(p: Path | None) -> Path | None:
+        return p if p is None or p.is_absolute() else base / p
+
+    source = model.source
+    if isinstance(source, (TorchvisionSource, PythonSource)):
+        source = source.model_copy(update={"weights": resolve(source.weights)})
+    elif isinstance(source, (TorchScriptSource, ExportSource, PickleSource)):
+        source = source.model_copy(update={"path": resolve(source.path)})
+    compression = model.compression
+    if compression is not None and compression.data.path is not None:
+        data = compression.data.model_copy(update={"path": resolve(compression.data.path)})
+        compression = compression.model_copy(update={"data": data})
+    return model.model_copy(
+        update={"source": source, "labels_file": resolve(model.labels_file), "compression": compression}
+    )
+
+
 def _resolve_paths(config: DeployConfig, base: Path) -> DeployConfig:
     def resolve(p: Path | None) -> Path | None:
         return p if p is None or p.is_absolute() else base / p
 
-    models = []
-    for model in config.models:
-        source = model.source
-        if isinstance(source, (TorchvisionSource, PythonSource)):
-            source = source.model_copy(update={"weights": resolve(source.weights)})
-        elif isinstance(source, (TorchScriptSource, ExportSource, PickleSource)):
-            source = source.model_copy(update={"path": resolve(source.path)})
-        compression = model.compression
-        if compression is not None and compression.data.path is not None:
-            data = compression.data.model_copy(update={"path": resolve(compression.data.path)})
-            compression = compression.model_copy(update={"data": data})
-        models.append(
-            model.model_copy(
-                update={
-                    "source": source,
-                    "labels_file": resolve(model.labels_file),
-                    "compression": compression,
-                }
-            )
-        )
+    models = [resolve_model_paths(model, base) for model in config.models]
     tls, auth = config.server.tls, config.server.auth
     server = config.server.model_copy(
         update={

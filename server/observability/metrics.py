@@ -57,6 +57,19 @@ class ServerMetrics:
             [*VARIANT, "method", "code"],
             registry=r,
         )
+        self.policy_decisions = Counter(
+            "slimserve_policy_decisions",
+            "Variants chosen by the serving policy for requests that name none, with the reason "
+            "(policy, no_compressed, guardrail, slo_ok, slo_risk, hold); only for the original and adaptive policies.",
+            [*VARIANT, "reason"],
+            registry=r,
+        )
+        self.serving_slo = Gauge(
+            "slimserve_serving_slo_seconds",
+            "The latency objective (p95) that the adaptive serving policy keeps.",
+            ["model"],
+            registry=r,
+        )
         self.request_duration = Histogram(
             "slimserve_request_duration_seconds",
             "Time from receiving a request to sending its response.",

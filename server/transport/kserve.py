@@ -16,16 +16,19 @@ from protos.errors import Unavailable
 from server.dataplane import DataPlane, RequestTrack, status_for
 from server.transport import kserve_views as views
 from server.transport.kserve_codec import build_response, parse_inputs, parse_outputs
-from server.transport.rpc import aborts_on_error, tracked
+from server.transport.rpc import aborts_on_error, start_track, tracked
 
 STATUS_CODE_PARAMETER = "status_code"
 """On a stream error, the echoed response carries the gRPC status code's name (e.g. INVALID_ARGUMENT)."""
 
 
 class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, plane: DataPlane, is_ready: Callable[[], bool]) -> None:
+    def __init__(
+        self, plane: DataPlane, is_ready: Callable[[], bool], model_control: views.ModelControl | None = None
+    ) -> None:
         self.plane = plane
         self._is_ready = is_ready
+        self._model_control = model_control
 
     # --- health and metadata ---------------------------------------------------------------------
 
@@ -72,7 +75,25 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def RepositoryIndex(
         self, request: pb.RepositoryIndexRequest, context: grpc.aio.ServicerContext
     ) -> pb.RepositoryIndexResponse:
-        return views.repository_index(self.plane.registry, self._is_ready())
+        return views.repository_index(self.plane.registry)
+
+    @aborts_on_error
+    async def RepositoryModelLoad(
+        self, request: pb.RepositoryModelLoadRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RepositoryModelLoadResponse:
+        parameters = {
+            key: getattr(value, value.WhichOneof("parameter_choice") or "string_param")
+            for key, value in request.parameters.items()
+        }
+        await views.load_model(self._model_control, request.model_name, parameters)
+        return pb.RepositoryModelLoadResponse()
+
+    @aborts_on_error
+    async def RepositoryModelUnload(
+        self, request: pb.RepositoryModelUnloadRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RepositoryModelUnloadResponse:
+        await views.unload_model(self._model_control, request.model_name)
+        return pb.RepositoryModelUnloadResponse()
 
     # --- inference -------------------------------------------------------------------------------
 
@@ -89,12 +110,12 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         tasks: set[asyncio.Task[None]] = set()
 
         async def answer(request: pb.ModelInferRequest) -> None:
-            track = self.plane.track("ModelStreamInfer")
+            track = start_track(self.plane, "ModelStreamInfer", context)
             try:
                 response = await self._infer(request, track)
             except Exception as exc:  # noqa: BLE001 - reported on the stream, the stream goes on
                 code, message = status_for(exc)
-                track.finish(code)
+                track.finish(code, message)
                 echo = pb.ModelInferResponse(
                     model_name=request.model_name, model_version=request.model_version, id=request.id
                 )
@@ -130,13 +151,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
             raise Unavailable("the server is not ready")
         return await infer(self.plane, request, track)
 
-    # --- not supported: models come from the deploy config; no shared memory, trace or log API --------
-
-    async def RepositoryModelLoad(self, request: object, context: grpc.aio.ServicerContext) -> None:
-        await _unimplemented(context, "models are loaded from the deploy config, not through the repository API")
-
-    async def RepositoryModelUnload(self, request: object, context: grpc.aio.ServicerContext) -> None:
-        await _unimplemented(context, "models are loaded from the deploy config, not through the repository API")
+    # --- not supported: no shared memory, trace or log API --------
 
     async def SystemSharedMemoryStatus(self, request: object, context: grpc.aio.ServicerContext) -> None:
         await _unimplemented(context, "shared memory is not supported; send tensors in raw_input_contents")
@@ -161,6 +176,11 @@ async def infer(plane: DataPlane, request: pb.ModelInferRequest, track: RequestT
     outputs = parse_outputs(request)
     logits = await plane.infer(variant, inputs, track)
     return build_response(request, model, variant.name, logits, outputs)
+
+
+def _parameter_value(parameter: pb.ModelRepositoryParameter) -> object:
+    kind = parameter.WhichOneof("parameter_choice")
+    return getattr(parameter, kind) if kind else ""
 
 
 async def _unimplemented(context: grpc.aio.ServicerContext, message: str) -> None:

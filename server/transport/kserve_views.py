@@ -4,9 +4,12 @@ renders the same messages as JSON (``server/transport/rest_codec.py``), so both 
 
 from __future__ import annotations
 
+from typing import Protocol
+
 from compression.models.names import INPUT_NAME, OUTPUT_NAME
 from protos import grpc_service_pb2 as pb
 from protos import model_config_pb2 as mc
+from protos.errors import FailedPrecondition, InvalidArgument
 from server import __version__
 from server.observability.stats import Duration, InferenceStats
 from server.transport.kserve_codec import INPUT_DATATYPE
@@ -58,16 +61,62 @@ def model_statistics(registry: ModelRegistry, name: str, version: str) -> pb.Mod
     return response
 
 
-def repository_index(registry: ModelRegistry, server_ready: bool) -> pb.RepositoryIndexResponse:
-    state = "READY" if server_ready else "LOADING"
+def repository_index(registry: ModelRegistry) -> pb.RepositoryIndexResponse:
+    """A row per served variant (its reason names the variant), and one per model that is loading, failed
+    or being unloaded; ``state`` is the model's (LOADING, COMPRESSING, READY, UNLOADING, FAILED)."""
     index = pb.RepositoryIndexResponse.ModelIndex
-    return pb.RepositoryIndexResponse(
-        models=[
-            index(name=model.name, version=variant.version, state=state, reason=variant.name)
-            for model in registry.models()
-            for variant in model.variants.values()
-        ]
-    )
+    rows, served = [], set()
+    for model in registry.models():
+        served.add(model.name)
+        status = registry.statuses.get(model.name)
+        state = status.state.value if status else "READY"
+        why = f": {status.reason}" if status and status.reason else ""
+        for variant in model.variants.values():
+            rows.append(index(name=model.name, version=variant.version, state=state, reason=variant.name + why))
+    for name, status in registry.statuses.items():
+        if name not in served:
+            rows.append(index(name=name, version="", state=status.state.value, reason=status.reason))
+    return pb.RepositoryIndexResponse(models=rows)
+
+
+class ModelControl(Protocol):
+    """Loads and unloads models at run time (``server.repository.ModelRepository``)."""
+
+    async def load_json(self, name: str, config_json: str) -> None: ...
+
+    async def unload(self, name: str) -> None: ...
+
+
+MODEL_CONTROL_OFF = (
+    "model control is off: models come from the deploy config; set server.model_control: explicit to load and "
+    "unload models at run time"
+)
+CONFIG_PARAMETER = "config"
+"""``RepositoryModelLoad`` parameter holding the model's JSON entry (what ``tritonclient``'s ``config=`` sends)."""
+
+
+async def load_model(control: ModelControl | None, name: str, parameters: dict[str, object]) -> None:
+    """``RepositoryModelLoad`` for either transport; ``parameters`` maps names to their values."""
+    if control is None:
+        raise FailedPrecondition(MODEL_CONTROL_OFF)
+    unknown = sorted(set(parameters) - {CONFIG_PARAMETER})
+    if unknown:
+        raise InvalidArgument(
+            f"model {name!r}: unsupported load parameter(s) {', '.join(unknown)}; send the model's JSON entry in "
+            f"{CONFIG_PARAMETER!r} (file overrides are not supported)"
+        )
+    config = parameters.get(CONFIG_PARAMETER, "")
+    if isinstance(config, bytes):
+        config = config.decode("utf-8", errors="replace")
+    if not isinstance(config, str):
+        raise InvalidArgument(f"model {name!r}: parameter {CONFIG_PARAMETER!r} must be a JSON string")
+    await control.load_json(name, config)
+
+
+async def unload_model(control: ModelControl | None, name: str) -> None:
+    if control is None:
+        raise FailedPrecondition(MODEL_CONTROL_OFF)
+    await control.unload(name)
 
 
 def _model_config(model: ServedModel, properties: dict[str, str]) -> mc.ModelConfig:

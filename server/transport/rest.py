@@ -13,6 +13,7 @@ frameworks measured (docs/benchmarks.md, "HTTP framework").
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -20,10 +21,12 @@ from typing import Any
 import grpc
 from aiohttp import BodyPartReader, web
 from aiohttp.web_protocol import RequestPayloadError
+from opentelemetry.trace import Tracer
 
 from protos.errors import InvalidArgument, ServingError, Unavailable
 from server.config.settings import ServerSettings
 from server.dataplane import DataPlane, RequestTrack, status_for
+from server.observability import tracing
 from server.transport import kserve_views as views
 from server.transport.classify import classify
 from server.transport.kserve import infer
@@ -65,10 +68,17 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 class RestEndpoint:
     """The HTTP listener: ``start`` binds (port 0 = any free port), ``stop`` closes it after the drain."""
 
-    def __init__(self, plane: DataPlane, is_ready: Callable[[], bool], settings: ServerSettings) -> None:
+    def __init__(
+        self,
+        plane: DataPlane,
+        is_ready: Callable[[], bool],
+        settings: ServerSettings,
+        model_control: views.ModelControl | None = None,
+    ) -> None:
         self.plane = plane
         self._is_ready = is_ready
         self._settings = settings
+        self._model_control = model_control
         self._tokens = BearerTokens(load_tokens(settings.auth)) if settings.auth.enabled else None
         self._runner: web.AppRunner | None = None
         self.port = 0
@@ -83,6 +93,8 @@ class RestEndpoint:
                 get("/v2/health/ready", self.ready),
                 get("/v2", self.server_metadata),
                 post("/v2/repository/index", self.repository_index),
+                post("/v2/repository/models/{model}/load", self.load_model),
+                post("/v2/repository/models/{model}/unload", self.unload_model),
                 get("/v2/models/stats", self.statistics),
                 *_model_routes(get, "", self.model_metadata),
                 *_model_routes(get, "/ready", self.model_ready),
@@ -141,8 +153,25 @@ class RestEndpoint:
         return web.json_response(message_json(views.model_statistics(self.plane.registry, name, version)))
 
     async def repository_index(self, request: web.Request) -> web.Response:
-        index = views.repository_index(self.plane.registry, self._is_ready())
+        index = views.repository_index(self.plane.registry)
         return web.json_response([message_json(model) for model in index.models])
+
+    async def load_model(self, request: web.Request) -> web.Response:
+        """``{"parameters": {"config": "<JSON model entry>"}}``, as ``tritonclient.http``'s ``load_model`` sends."""
+        body = await _body(request)
+        try:
+            document = json.loads(body) if body.strip() else {}
+        except (ValueError, RecursionError) as exc:
+            raise InvalidArgument(f"the load request is not valid JSON: {exc}") from None
+        parameters = document.get("parameters", {}) if isinstance(document, dict) else None
+        if not isinstance(parameters, dict):
+            raise InvalidArgument("the load request must be a JSON object whose 'parameters' is an object")
+        await views.load_model(self._model_control, request.match_info["model"], parameters)
+        return web.json_response({})
+
+    async def unload_model(self, request: web.Request) -> web.Response:
+        await views.unload_model(self._model_control, request.match_info["model"])
+        return web.json_response({})
 
     # --- inference -----------------------------------------------------------------------------
 
@@ -160,7 +189,7 @@ class RestEndpoint:
             headers = {INFERENCE_HEADER: str(header_length)}
             return web.Response(body=payload, headers=headers, content_type="application/octet-stream")
 
-        return await self._tracked("ModelInfer", run)
+        return await self._tracked(request, "ModelInfer", run)
 
     async def classify(self, request: web.Request) -> web.Response:
         name, version = _model(request)
@@ -179,26 +208,32 @@ class RestEndpoint:
                 )
             return web.json_response(message_json(await classify(self.plane, message, track)))
 
-        return await self._tracked("Classify", run)
+        return await self._tracked(request, "Classify", run)
 
-    async def _tracked(self, method: str, run: Callable[[RequestTrack], Awaitable[web.Response]]) -> web.Response:
-        """Count the request like its gRPC twin; refuse it while the server is not ready."""
+    async def _tracked(
+        self, request: web.Request, method: str, run: Callable[[RequestTrack], Awaitable[web.Response]]
+    ) -> web.Response:
+        """Count (and trace) the request like its gRPC twin; refuse it while the server is not ready."""
         track = self.plane.track(METHOD_PREFIX + method)
+        if self.plane.tracer is not None:
+            _start_span(self.plane.tracer, track, request, METHOD_PREFIX + method)
         try:
             if not self._is_ready():
                 raise Unavailable("the server is not ready")
             response = await run(track)
         except asyncio.CancelledError:
-            track.finish(grpc.StatusCode.CANCELLED)
+            track.finish(grpc.StatusCode.CANCELLED, http_status=499)
             raise
         except web.HTTPRequestEntityTooLarge as exc:
-            track.finish(grpc.StatusCode.RESOURCE_EXHAUSTED)
-            return _error(exc.status, _too_large(self._settings.max_message_bytes))
+            message = _too_large(self._settings.max_message_bytes)
+            track.finish(grpc.StatusCode.RESOURCE_EXHAUSTED, message, exc.status)
+            return _error(exc.status, message)
         except Exception as exc:  # noqa: BLE001 - every failure must reach the caller as a status
             code, message = status_for(exc)
-            track.finish(code)
-            return _error(HTTP_STATUS.get(code, 400), message)
-        track.finish(grpc.StatusCode.OK)
+            status = HTTP_STATUS.get(code, 400)
+            track.finish(code, message, status)
+            return _error(status, message)
+        track.finish(grpc.StatusCode.OK, http_status=response.status)
         return response
 
     # --- middlewares ---------------------------------------------------------------------------
@@ -231,6 +266,19 @@ class RestEndpoint:
         response = _error(401, problem)
         response.headers["WWW-Authenticate"] = "Bearer"
         return response
+
+
+def _start_span(tracer: Tracer, track: RequestTrack, request: web.Request, method: str) -> None:
+    """The request's server span (HTTP semantic conventions), a child of the caller's ``traceparent`` header."""
+    route = request.match_info.route.resource.canonical if request.match_info.route.resource else request.path
+    attributes = {
+        "http.request.method": request.method,
+        "http.route": route,
+        "url.path": request.path,
+        "url.scheme": request.scheme,
+        tracing.METHOD: method,
+    }
+    track.start_span(tracer, f"{request.method} {route}", request.headers, attributes)
 
 
 def _model_routes(route: Callable[..., Any], suffix: str, handler: Handler) -> list[Any]:

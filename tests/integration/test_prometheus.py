@@ -24,7 +24,7 @@ from matplotlib.image import imread
 
 from benchmarks.common import free_port
 from compression.models.digits.data import load_splits, normalize
-from server.config.settings import ShadowSettings
+from server.config.settings import ServingSettings, ShadowSettings
 from tests.compressed_digits import CHOSEN, digits_config, seed_trained_digits
 from tests.serving import ServerThread, eventually, running_server
 
@@ -79,7 +79,8 @@ def compressed_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Serv
     """Digits with a real compressed variant (found by a one-candidate search) and every request shadowed."""
     cache = tmp_path_factory.mktemp("cache")
     seed_trained_digits(cache)
-    with running_server(digits_config(cache, shadow=ShadowSettings(fraction=1.0))) as server:
+    serving = ServingSettings(slo_p95_ms=50)  # the objective's panel and alert need one; policy stays compressed
+    with running_server(digits_config(cache, shadow=ShadowSettings(fraction=1.0), serving=serving)) as server:
         server.call(server.server.compressed.wait())
         assert server.server.registry.get("digits").default_variant == CHOSEN
         yield server

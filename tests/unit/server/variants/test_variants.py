@@ -115,12 +115,6 @@ def test_set_default_to_an_unknown_variant_changes_nothing() -> None:
     with_registry(scenario)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: set_default validates its argument with resolve() (which accepts versions and aliases) but stores "
-    "it verbatim as default_variant, so set_default(model, '1') or (model, 'compressed') leaves the default "
-    "unresolvable and every default-version request fails NOT_FOUND",
-)
 def test_set_default_by_version_number_or_alias_keeps_the_default_resolvable() -> None:
     async def scenario(registry: ModelRegistry, model: ServedModel, metrics: ServerMetrics) -> None:
         registry.promote_compressed(model, "int8-x", OTHER)
