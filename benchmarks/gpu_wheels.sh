@@ -3,6 +3,7 @@
 # as Python 3.12 wheels, into build/gpu-wheels (ignored by git; name it in the device tool's `carry`).
 # The image already holds torch, torchvision, numpy, onnx, onnxruntime, onnxscript, Pillow, PyYAML,
 # matplotlib, scipy, pandas, scikit-learn, hypothesis, pytest and nvidia-ml-py (/work/.library/device/KINDS.md).
+# aiohttp (the REST endpoint), OpenTelemetry (tracing) and tritonclient.http's geventhttpclient are added here too.
 # Versions are the ones this checkout's .venv runs (the protos need protobuf >= 7.35 and grpcio >= 1.85.1).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,6 +14,11 @@ PACKAGES=(
     tritonclient python-rapidjson
     torchao torch-pruning mlxtend
     filelock prometheus_client
+    aiohttp aiohappyeyeballs aiosignal attrs frozenlist multidict propcache yarl
+    opentelemetry-api opentelemetry-sdk opentelemetry-semantic-conventions opentelemetry-proto
+    opentelemetry-exporter-otlp-proto-grpc opentelemetry-exporter-otlp-proto-common
+    opentelemetry-exporter-otlp-common googleapis-common-protos
+    geventhttpclient gevent greenlet zope.event zope.interface brotli certifi six
 )
 pattern="^($(IFS='|'; echo "${PACKAGES[*]}"))=="
 mapfile -t pins < <(.venv/bin/python -m pip freeze | grep -i -E "$pattern")
