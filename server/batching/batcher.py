@@ -117,6 +117,8 @@ class DynamicBatcher:
         self._idle.set()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
+        self._traced = False
+        """A traced request was ever submitted: until then (tracing off: always) batches skip tracing entirely."""
 
     @property
     def max_batch_size(self) -> int:
@@ -168,6 +170,8 @@ class DynamicBatcher:
                 f"inference queue is full ({self._max_queue_size} requests waiting); retry after a short backoff"
             )
         pending = _Pending(inputs, asyncio.get_running_loop().create_future(), link)
+        if link is not None:
+            self._traced = True
         self._pending.append(pending)
         self._queued_rows += rows
         self._idle.clear()
@@ -220,7 +224,7 @@ class DynamicBatcher:
 
     async def _execute(self, batch: list[_Pending]) -> None:
         started = time.perf_counter()
-        span = _batch_span(batch) if any(p.link is not None for p in batch) else None
+        span = _batch_span(batch) if self._traced and any(p.link is not None for p in batch) else None
         batch_span = span.get_span_context() if span is not None else None
         loop = asyncio.get_running_loop()
         try:
