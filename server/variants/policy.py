@@ -73,17 +73,17 @@ class LatencyTable:
         return self.seconds[nearest] * batch_size / nearest
 
 
-def predicted_latency_s(table: LatencyTable, queued_rows: int, max_batch_size: int) -> float | None:
+def predicted_latency_s(table: LatencyTable, queued_rows: int, max_batch_size: int, busy: bool) -> float | None:
     """Seconds until a request arriving now is answered by this variant, if ``queued_rows`` rows (this one
-    included) wait for it: the batch running now, then full batches of the rows ahead, then its own batch.
-    A p95-like bound: it assumes the batch running now has just started."""
+    included) wait for it: the batch running now (``busy``; counted whole, as if it had just started), then
+    full batches of the rows ahead, then its own batch. None before any measurement."""
     rows = max(1, queued_rows)
     batches = math.ceil(rows / max_batch_size)
     full = table.forward_s(max_batch_size)
     last = table.forward_s(rows - (batches - 1) * max_batch_size)
     if full is None or last is None:
         return None
-    running = full if queued_rows > max_batch_size else last
+    running = (full if queued_rows > max_batch_size else last) if busy else 0.0
     return running + (batches - 1) * full + last
 
 

@@ -101,11 +101,12 @@ class ServedModel:
         original = self.variants[ORIGINAL]
         # NOTE: +1: the request being routed; the rows it brings are not known yet at this point.
         queued = sum(variant.batcher.queued_rows for variant in self.variants.values()) + 1
+        busy = not all(variant.batcher.idle for variant in self.variants.values())
         decision = self.policy.choose(
             time.monotonic(),
             compressed,
             held_by_guardrail=compressed is not None and self.default_variant != compressed,
-            original_latency_s=predicted_latency_s(original.latency, queued, self.max_batch_size),
+            original_latency_s=predicted_latency_s(original.latency, queued, self.max_batch_size, busy),
         )
         if self.on_decision is not None:
             self.on_decision(self.name, decision)

@@ -28,13 +28,14 @@ def test_latency_table_measures_interpolates_and_scales() -> None:
 
 def test_predicted_latency_grows_with_the_queue() -> None:
     table = LatencyTable({1: 0.010, 8: 0.040})
-    alone = predicted_latency_s(table, 1, max_batch_size=8)
+    assert predicted_latency_s(table, 1, max_batch_size=8, busy=False) == pytest.approx(0.010)  # idle: its own pass
+    alone = predicted_latency_s(table, 1, max_batch_size=8, busy=True)
     assert alone == pytest.approx(0.020)  # the batch running now (assumed like its own), then its own
-    behind_a_batch = predicted_latency_s(table, 8, max_batch_size=8)
-    behind_two = predicted_latency_s(table, 20, max_batch_size=8)
+    behind_a_batch = predicted_latency_s(table, 8, max_batch_size=8, busy=True)
+    behind_two = predicted_latency_s(table, 20, max_batch_size=8, busy=True)
     assert alone < behind_a_batch < behind_two  # type: ignore[operator]
     assert behind_two == pytest.approx(0.040 + 2 * 0.040 + table.forward_s(4))  # type: ignore[operator]
-    assert predicted_latency_s(LatencyTable(), 3, max_batch_size=8) is None
+    assert predicted_latency_s(LatencyTable(), 3, max_batch_size=8, busy=False) is None
 
 
 def test_fixed_policies_and_the_guardrail() -> None:
