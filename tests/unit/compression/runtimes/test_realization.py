@@ -35,14 +35,7 @@ MIN_SQNR = {"int8": 15.0, "fp16": 30.0, "bf16": 20.0}
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():  # type: ignore[no-untyped-def]
-    """One intra-op thread: tiny models gain nothing from two, and two spin against other processes
-    on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 class SmallNet(nn.Module):

@@ -8,7 +8,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
 from compression.models.names import ORIGINAL
 from compression.search.candidates import Candidate
@@ -22,12 +21,7 @@ from tests.unit.compression.search.test_runner import BROKEN, CALIBRATION, CLIP,
 STUDENT = {"technique": "student", "architecture": "depthwise_separable"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():  # type: ignore[no-untyped-def]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 class Clock:

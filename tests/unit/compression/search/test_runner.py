@@ -38,13 +38,7 @@ BROKEN = {"technique": "channel_prune", "importance": "bn_scale"}  # needs Batch
 BROKEN_REASON = "TechniqueError: importance 'bn_scale' needs BatchNorm layers; the model has none (folded?)"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():  # type: ignore[no-untyped-def]
-    """One intra-op thread: a tiny model gains nothing from two on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 class Sleepy(nn.Module):

@@ -28,14 +28,7 @@ from compression.techniques.unstructured_pruning import MAGNITUDE_PRUNE_DISTILLA
 NUM_CLASSES = 5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_intra_op_thread():  # type: ignore[no-untyped-def]
-    """One intra-op thread: these tiny models gain nothing from two, and on a shared 2-core machine
-    two threads spin against other processes (measured 15x slower training)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 class TinyNet(nn.Module):

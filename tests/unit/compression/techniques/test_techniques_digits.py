@@ -25,9 +25,8 @@ from compression.techniques.registry import apply
 from compression.techniques.structured_pruning import ChannelPruneConfig
 from compression.techniques.student import StudentConfig
 from compression.techniques.unstructured_pruning import MagnitudePruneConfig
-from tests.unit.compression.techniques.test_techniques import one_intra_op_thread  # noqa: F401 - the same autouse one-thread fixture
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_intra_op_thread")]
 
 
 @pytest.fixture(scope="module")

@@ -37,13 +37,7 @@ with torch.random.fork_rng(devices=[]):
 INPUTS = np.random.default_rng(0).normal(size=(3, 1, 8, 8)).astype(np.float32)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():  # type: ignore[no-untyped-def]
-    """One intra-op thread: a tiny model gains nothing from two on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 def settings(name: str = "tiny", compression: CompressionSettings | None = None) -> ModelSettings:
