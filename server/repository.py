@@ -20,6 +20,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from compression.errors import first_line
 from compression.models.images import ImagePreprocessor
 from compression.models.loading import LoadedModel, ModelLoadError, load_model
 from compression.models.names import ORIGINAL
@@ -72,7 +73,7 @@ class ModelRepository:
                 model, loaded = await self._build(settings)
             except Exception as exc:
                 if not replacing:
-                    self._registry.set_status(settings.name, ModelState.FAILED, str(exc).splitlines()[0])
+                    self._registry.set_status(settings.name, ModelState.FAILED, first_line(exc))
                 raise
             previous = self._registry.add_model(model)
             if previous is not None:
