@@ -19,7 +19,7 @@ import tritonclient.grpc as triton
 from prometheus_client.parser import text_string_to_metric_families
 
 from compression.models.digits.data import load_splits, normalize
-from server.config.settings import ShadowSettings
+from server.config.settings import ServingSettings, ShadowSettings
 from server.observability.gpu_metrics import GpuCollector
 from tests.compressed_digits import CHOSEN, digits_config, seed_trained_digits
 from tests.serving import ServerThread, running_server
@@ -56,7 +56,9 @@ def scraped(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The /metrics text of a server with a compressed variant, after good and failing requests."""
     cache = tmp_path_factory.mktemp("cache")
     seed_trained_digits(cache)
-    config = digits_config(cache, shadow=ShadowSettings(fraction=1.0))
+    # NOTE: the adaptive policy with an objective, so that its decision and objective families have samples too
+    serving = ServingSettings(policy="adaptive", slo_p95_ms=50)
+    config = digits_config(cache, shadow=ShadowSettings(fraction=1.0), serving=serving)
     (model,) = config.models
     assert model.compression is not None
     budget = model.compression.budget.model_copy(update={"min_agreement": 0.9})

@@ -82,6 +82,9 @@ def config(tmp_path_factory: pytest.TempPathFactory) -> DeployConfig:
                         },
                         "measurement": {"warmup": 3, "iterations": 15},
                         "candidates": EVERY_TECHNIQUE,
+                        # NOTE: every technique must run here, the student too, though 200 images are far too few
+                        # for a useful one (the default skips it below 2000)
+                        "search": {"student_min_images": 100},
                     },
                 }
             ],
