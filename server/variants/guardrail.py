@@ -121,6 +121,8 @@ class Guardrail:
         )
 
     def _reset_window(self) -> None:
-        """A new default starts with a fresh window, so old comparisons do not judge it."""
+        """A new default starts with a fresh window, so old comparisons do not judge it (nor show on the gauges)."""
         self._window.clear()
         self._agreeing = 0
+        self._metrics.window_agreement.labels(self._model.name).set(1.0)
+        self._metrics.window_samples.labels(self._model.name).set(0)

@@ -83,6 +83,8 @@ def test_no_verdict_before_min_samples_then_rollback_to_the_original(served: Ser
     assert "agreement 0.000 over the last 5 compared images" in state.last_rollback_reason
     assert "min_agreement 0.8" in state.last_rollback_reason
     assert state.window_samples == 0 and state.window_agreement is None  # the original starts a fresh window
+    assert served.sample("slimserve_guardrail_window_samples") == 0  # and the gauges say so at once
+    assert served.sample("slimserve_guardrail_window_agreement_ratio") == 1.0
     assert served.sample("slimserve_guardrail_rollbacks_total", variant=CHAIN) == 1
     assert served.sample("slimserve_variant_active", variant=ORIGINAL) == 1
     assert served.sample("slimserve_variant_active", variant=CHAIN) == 0
