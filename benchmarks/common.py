@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -17,15 +16,10 @@ import grpc
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
+from benchmarks.processes import free_port
 from protos import grpc_service_pb2, grpc_service_pb2_grpc
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass(frozen=True)

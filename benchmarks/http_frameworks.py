@@ -32,9 +32,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import multiprocessing
 import os
-import socket
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -43,6 +41,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+from benchmarks.processes import spawned_server
 
 SHAPE = (1, 3, 224, 224)
 TENSOR_BYTES = int(np.prod(SHAPE)) * 4  # 602,112
@@ -252,12 +252,6 @@ def available(name: str) -> bool:
     return True
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @dataclass
 class Server:
     name: str
@@ -268,24 +262,8 @@ class Server:
 @contextmanager
 def server_process(name: str) -> Iterator[Server]:
     """``name``'s server in a fresh process on a free loopback port, until the block ends."""
-    port = free_port()
-    process = multiprocessing.get_context("spawn").Process(target=_run_server, args=(name, port), daemon=True)
-    process.start()
-    try:
-        deadline = time.monotonic() + 60
-        while True:  # listening yet?
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline or not process.is_alive():
-                    raise RuntimeError(f"the {name} server did not start") from None
-                time.sleep(0.1)
-        assert process.pid is not None
-        yield Server(name, port, process.pid)
-    finally:
-        process.terminate()
-        process.join(10)
+    with spawned_server(_run_server, name) as (port, pid):
+        yield Server(name, port, pid)
 
 
 def cpu_seconds(pid: int) -> float:

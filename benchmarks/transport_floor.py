@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import multiprocessing
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -38,7 +36,8 @@ import torch
 import yaml
 from torch import nn
 
-from benchmarks.common import REPO_ROOT, free_port, slimserve_process, table, time_calls
+from benchmarks.common import REPO_ROOT, slimserve_process, table, time_calls
+from benchmarks.processes import spawned_server
 from clients.loadgen import infer_call, open_channel
 from compression.models.names import INPUT_NAME
 from protos import grpc_service_pb2 as pb
@@ -121,23 +120,8 @@ def _run_server(kind: str, port: int) -> None:
 @contextmanager
 def bare_server(kind: str) -> Iterator[int]:
     """``kind`` ("tcp" or "grpc") in a fresh process on a free loopback port, until the block ends."""
-    port = free_port()
-    process = multiprocessing.get_context("spawn").Process(target=_run_server, args=(kind, port), daemon=True)
-    process.start()
-    try:
-        deadline = time.monotonic() + 60
-        while True:  # listening yet?
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline or not process.is_alive():
-                    raise RuntimeError(f"the {kind} server did not start") from None
-                time.sleep(0.1)
+    with spawned_server(_run_server, kind) as (port, _):
         yield port
-    finally:
-        process.terminate()
-        process.join(10)
 
 
 # --- the client ------------------------------------------------------------------------------------------------
