@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 import torch
 from torch import nn
+
+from compression.search.data import EvalData
 
 
 def _block(conv: nn.Module, channels: int) -> nn.Sequential:
@@ -51,3 +54,14 @@ class SleepyNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         time.sleep(self.delay_s)
         return self.head(torch.flatten(x, 1))
+
+
+def random_eval_data() -> EvalData:
+    """Seeded random 1x8x8 images: 16 for calibration, 40 for validation with labels in 3 classes (a search's
+    control flow, not its accuracy, is what tests using it check)."""
+    gen = torch.Generator().manual_seed(1)
+    return EvalData(
+        calibration=torch.randn(16, 1, 8, 8, generator=gen),
+        validation=torch.randn(40, 1, 8, 8, generator=gen),
+        validation_labels=np.random.default_rng(2).integers(0, 3, 40),
+    )

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
 from compression.runtimes.predictor import Predictor
 from compression.search.accuracy import fidelity, predict_top1
-from compression.search.data import EvalData
 from compression.search.runner import run_search
 from compression.search.settings import (
     BudgetSettings,
@@ -19,6 +17,7 @@ from compression.search.settings import (
     MeasurementSettings,
     TargetSettings,
 )
+from tests.models import random_eval_data
 
 BATCH = 4
 EAGER = {"runtime": "eager", "precision": "fp32"}
@@ -38,12 +37,7 @@ def tiny_model() -> nn.Module:
 
 def test_the_hook_sees_every_built_candidate_before_the_measurement(tmp_path: Path) -> None:
     model = tiny_model()
-    gen = torch.Generator().manual_seed(1)
-    data = EvalData(
-        calibration=torch.randn(16, 1, 8, 8, generator=gen),
-        validation=torch.randn(40, 1, 8, 8, generator=gen),
-        validation_labels=np.random.default_rng(2).integers(0, 3, 40),
-    )
+    data = random_eval_data()
     settings = CompressionSettings(
         target=TargetSettings(device="cpu", batch_size=1),
         budget=BudgetSettings(max_accuracy_drop=100.0),

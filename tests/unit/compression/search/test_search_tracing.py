@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -12,7 +11,6 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import StatusCode
 from torch import nn
 
-from compression.search.data import EvalData
 from compression.search.runner import run_search
 from compression.search.settings import (
     BudgetSettings,
@@ -21,6 +19,7 @@ from compression.search.settings import (
     MeasurementSettings,
     TargetSettings,
 )
+from tests.models import random_eval_data
 
 EAGER = {"runtime": "eager", "precision": "fp32"}
 
@@ -28,12 +27,7 @@ EAGER = {"runtime": "eager", "precision": "fp32"}
 def test_a_span_per_candidate_with_build_latency_and_fidelity(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 64, 3)).eval()
-    gen = torch.Generator().manual_seed(1)
-    data = EvalData(
-        calibration=torch.randn(16, 1, 8, 8, generator=gen),
-        validation=torch.randn(40, 1, 8, 8, generator=gen),
-        validation_labels=np.random.default_rng(2).integers(0, 3, 40),
-    )
+    data = random_eval_data()
     settings = CompressionSettings(
         target=TargetSettings(device="cpu", batch_size=1),
         budget=BudgetSettings(max_accuracy_drop=100.0),
