@@ -108,6 +108,12 @@ class VariantReport:
     """Top-1 drop per class (label index), in points, on all validation images of that class."""
     worst_class_drop: tuple[str, float] | None = None
     """The largest per-class drop among classes with at least ``MIN_CLASS_IMAGES`` validation images."""
+    ratio_search: str | None = None
+    """For a step of a pruning-ratio search: the searched candidate's name (its chain); None otherwise."""
+    prune_ratio: float | None = None
+    """For a step of a pruning-ratio search: the ``channel_prune`` ratio this variant was built with."""
+    search_step: int | None = None
+    """For a step of a pruning-ratio search: 1 for the first ratio tried, 2 for the next, ..."""
 
     def apply_fidelity(self, measured: Fidelity) -> None:
         self.top1, self.top1_drop, self.top1_drop_ci95 = measured.top1, measured.top1_drop, measured.top1_drop_ci95
@@ -135,6 +141,9 @@ class SearchReport:
     not_tried: list[str] = field(default_factory=list)
     """Candidates not started for lack of time (``search.max_minutes``)."""
     max_minutes: float | None = None
+    frontier: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    """Per pruning-ratio search (the searched candidate's name): each ratio tried, in ratio order, with its
+    measured top-1, drop and its bound, agreement, latency and verdict (see ``frontier.py``)."""
 
     def variant(self, name: str) -> VariantReport:
         return next(v for v in [self.original, *self.candidates] if v.name == name)
