@@ -15,11 +15,12 @@ runs QDQ models through float kernels); add an int8 candidate explicitly to meas
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
 from compression.runtimes.realization import RealizationConfig
-from compression.search.settings import CandidateSettings
+from compression.search.settings import CandidateSettings, RatioSearchSettings
 from compression.techniques.registry import config_from_dict
 
 BN_FOLD: dict[str, Any] = {"technique": "bn_fold"}
@@ -81,6 +82,8 @@ class Candidate:
     steps: tuple[Any, ...]
     """Technique configs, applied in order."""
     realization: RealizationConfig
+    ratio_search: RatioSearchSettings | None = None
+    """Search the ``channel_prune`` step's ratio (each ratio tried becomes a candidate of its own)."""
 
     @classmethod
     def from_settings(cls, settings: CandidateSettings) -> Candidate:
@@ -88,7 +91,20 @@ class Candidate:
             settings.name,
             tuple(config_from_dict(step) for step in settings.steps),
             RealizationConfig.from_dict(settings.realization),
+            settings.ratio_search,
         )
+
+    def at_ratio(self, ratio: float, like: Candidate | None) -> Candidate:
+        """The variant of this ratio search pruned at ``ratio``; realized like ``like`` (adding its steps) when
+        given, else as configured. Named ``<name>-r<percent>[-<like's name>]``."""
+        steps = tuple(
+            dataclasses.replace(step, ratio=ratio) if step.name == "channel_prune" else step for step in self.steps
+        )
+        name = f"{self.name}-r{round(ratio * 100):02d}"
+        if like is None:
+            return Candidate(name, steps, self.realization)
+        extra = tuple(step for step in like.steps if step not in steps)
+        return Candidate(f"{name}-{like.name}", steps + extra, like.realization)
 
     @property
     def techniques(self) -> list[str]:

@@ -37,8 +37,10 @@ from compression.runtimes.realization import build_predictor
 from compression.search.accuracy import Fidelity, class_drops, evidence, fidelity, predict_top1
 from compression.search.candidates import Candidate, default_candidates
 from compression.search.data import EvalData
+from compression.search.frontier import frontier
 from compression.search.latency import measure_latency
-from compression.search.schedule import LOSSLESS, Deadline, cost_class, plan, skip_reason
+from compression.search.ratio_search import RatioBisection
+from compression.search.schedule import LOSSLESS, TRAINING, Deadline, cost_class, plan, skip_reason
 from compression.search.selection import (
     MIN_CLASS_IMAGES,
     Evidence,
@@ -331,30 +333,16 @@ def _search(
     transformed: dict[str, nn.Module] = {}
     deadline = Deadline(settings.search.max_minutes, clock)
     tasks = plan(candidates)
+    parts = split_validation(len(data.validation), settings.data.seed)
+    judge = _Judge(data, settings, parts, serve_batch)
+    listed: dict[str, list[str]] = {}
+    """Per configured candidate, the variants it became (a ratio search: one per ratio tried)."""
     skipped: dict[str, VariantReport] = {}
     not_tried: list[str] = []
-    for index, candidate in enumerate(tasks, 1):
-        reason = skip_reason(candidate, len(data.calibration), settings.search)
-        if reason is None and not deadline.admits(candidate):
-            reason = (
-                f"not tried: the search's time budget (search.max_minutes {settings.search.max_minutes}) would "
-                f"be exceeded ({deadline.elapsed():.0f} s spent, about {deadline.expected(candidate):.0f} s expected)"
-            )
-            not_tried.append(candidate.name)
-        if reason is not None:
-            skipped[candidate.name] = VariantReport(
-                candidate.name,
-                candidate.techniques,
-                [config_to_dict(s) for s in candidate.steps],
-                candidate.realization.to_dict(),
-                skipped=reason,
-            )
-            progress(f"[{index}/{len(tasks)}] {candidate.name} {reason}")
-            continue
-        progress(
-            f"[{index}/{len(tasks)}] candidate {candidate.name}: {' -> '.join(candidate.techniques)} "
-            f"({deadline.progress(tasks[index - 1 :])})"
-        )
+    built_candidates: dict[str, Candidate] = {}
+
+    def build(candidate: Candidate, label: str) -> _Built | VariantReport:
+        progress(f"{label} candidate {candidate.name}: {' -> '.join(candidate.techniques)}")
         task_started = clock()
         spans.candidate(candidate.name, candidate.techniques, candidate.realization.to_dict())
         with spans.step(candidate.name, "build") as build_span:
@@ -371,15 +359,45 @@ def _search(
             if isinstance(result, VariantReport):
                 build_span.set_status(Status(StatusCode.ERROR, first_line(result.error or "")[:300]))
         reports.append(result if isinstance(result, VariantReport) else result.report)
+        built_candidates[candidate.name] = candidate
         if isinstance(result, VariantReport):
             spans.failed(candidate.name, result.error or "")
-            progress(f"[{index}/{len(candidates)}] {candidate.name} FAILED: {result.error}")
+            progress(f"{label} {candidate.name} FAILED: {result.error}")
             built[candidate.name] = _Built(result, None)  # type: ignore[arg-type]
         else:
             built[candidate.name] = result
             if on_candidate_built is not None:
                 on_candidate_built(candidate.name, result.predictor)
         deadline.record(candidate, clock() - task_started)
+        return result
+
+    for index, candidate in enumerate(tasks, 1):
+        label = f"[{index}/{len(tasks)}]"
+        reason = skip_reason(candidate, len(data.calibration), settings.search)
+        if reason is None and not deadline.admits(candidate):
+            reason = _out_of_time(settings, deadline, candidate)
+            not_tried.append(candidate.name)
+        if reason is not None:
+            skipped[candidate.name] = _skipped_report(candidate, reason)
+            progress(f"{label} {candidate.name} {reason}")
+            continue
+        progress(f"{label} {deadline.progress(tasks[index - 1 :])}")
+        if candidate.ratio_search is None:
+            build(candidate, label)
+            listed[candidate.name] = [candidate.name]
+            continue
+        like = None
+        if candidate.ratio_search.realization == "best":
+            like = _best_realization(built, built_candidates, judge, example, progress)
+        names, out_of_time = _search_ratio(
+            candidate, like, build, judge, built[ORIGINAL].predictor, deadline, progress, label
+        )
+        listed[candidate.name] = names
+        if out_of_time:
+            not_tried.append(f"{candidate.name} (ratios after the {len(names)} tried)" if names else candidate.name)
+        if not names:
+            skipped[candidate.name] = _skipped_report(candidate, _out_of_time(settings, deadline, candidate))
+            listed[candidate.name] = [candidate.name]
 
     working = {name: b for name, b in built.items() if b.report.error is None}
     progress(
@@ -394,19 +412,18 @@ def _search(
         iterations=settings.measurement.iterations,
     )
     spans.latency(list(working), measuring, time.time_ns())
-    parts = split_validation(len(data.validation), settings.data.seed)
-    exact = {c.name: cost_class(c) == LOSSLESS for c in candidates}
+    exact = {name: cost_class(c) == LOSSLESS for name, c in built_candidates.items()}
     progress(
         f"measuring fidelity on {len(data.validation)} held-out images ({len(parts[0])} to select on, "
         f"{len(parts[1])} to confirm the choice on)"
     )
     with spans.step(ORIGINAL, "fidelity"):
-        reference = predict_top1(working[ORIGINAL].predictor, data.validation, serve_batch)
+        reference = judge.predictions(ORIGINAL, working[ORIGINAL].predictor)
     for name, b in working.items():
         b.report.latency_p50_ms = latencies[name].p50_ms
         b.report.latency_p95_ms = latencies[name].p95_ms
         with nullcontext() if name == ORIGINAL else spans.step(name, "fidelity"):
-            predictions = reference if name == ORIGINAL else predict_top1(b.predictor, data.validation, serve_batch)
+            predictions = judge.predictions(name, b.predictor)
             b.report.apply_fidelity(fidelity(predictions, reference, data.validation_labels))
             _judge_fidelity(b.report, predictions, reference, data, settings, parts, exact.get(name, False))
 
@@ -425,6 +442,11 @@ def _search(
     if choice.name != ORIGINAL:
         built[choice.name].report.artifact = f"{CANDIDATES_DIR}/{choice.name}"
     (log.warning if not choice.budget_met else progress)(f"chosen: {choice.name} ({choice.reason})")
+    reports_in_order = [
+        built[name].report if name in built else skipped[name]
+        for c in candidates
+        for name in listed.get(c.name, [c.name])
+    ]
     return SearchReport(
         model=model_name,
         device=str(device),
@@ -436,7 +458,7 @@ def _search(
             "labelled": data.validation_labels is not None,
         },
         original=original,
-        candidates=[built[c.name].report if c.name in built else skipped[c.name] for c in candidates],
+        candidates=reports_in_order,
         chosen=choice.name,
         reason=choice.reason,
         budget_met=choice.budget_met,
@@ -453,7 +475,160 @@ def _search(
         },
         not_tried=not_tried,
         max_minutes=settings.search.max_minutes,
+        frontier=frontier(reports_in_order),
     )
+
+
+def _skipped_report(candidate: Candidate, reason: str) -> VariantReport:
+    return VariantReport(
+        candidate.name,
+        candidate.techniques,
+        [config_to_dict(s) for s in candidate.steps],
+        candidate.realization.to_dict(),
+        skipped=reason,
+    )
+
+
+def _out_of_time(settings: CompressionSettings, deadline: Deadline, candidate: Candidate) -> str:
+    return (
+        f"not tried: the search's time budget (search.max_minutes {settings.search.max_minutes}) would "
+        f"be exceeded ({deadline.elapsed():.0f} s spent, about {deadline.expected(candidate):.0f} s expected)"
+    )
+
+
+class _Judge:
+    """Each variant's top-1 on the validation images (computed once), and the verdict the search acts on
+    while it runs: the accuracy budget judged on the selection images only (the confirmation images stay
+    unused until the final choice)."""
+
+    def __init__(
+        self,
+        data: EvalData,
+        settings: CompressionSettings,
+        parts: tuple[np.ndarray, np.ndarray],
+        batch: int,
+    ) -> None:
+        self._data, self._budget, self._selection, self._batch = data, settings.budget, parts[0], batch
+        self._predictions: dict[str, np.ndarray] = {}
+
+    def predictions(self, name: str, predictor: Predictor) -> np.ndarray:
+        if name not in self._predictions:
+            self._predictions[name] = predict_top1(predictor, self._data.validation, self._batch)
+        return self._predictions[name]
+
+    def selection_verdict(
+        self, name: str, predictor: Predictor, original: Predictor, exact: bool
+    ) -> tuple[str | None, Evidence]:
+        """(None or why the variant is outside the accuracy budget, its evidence) on the selection images."""
+        part, labels = self._selection, self._data.validation_labels
+        predictions, reference = self.predictions(name, predictor), self.predictions(ORIGINAL, original)
+        part_labels = None if labels is None else labels[part]
+        found = evidence(
+            predictions[part],
+            reference[part],
+            part_labels,
+            confidence=self._budget.confidence,
+            max_drop=self._budget.max_accuracy_drop,
+            min_agreement=self._budget.min_agreement,
+        )
+        worst = None
+        if part_labels is not None:
+            judged = [
+                (label, drop)
+                for label, (count, drop) in class_drops(predictions[part], reference[part], part_labels).items()
+                if count >= MIN_CLASS_IMAGES
+            ]
+            worst = max(judged, key=lambda item: item[1]) if judged else None
+        measured = Measured(
+            name,
+            0.0,
+            None,
+            found.top1_drop,
+            found.agreement,
+            selection=found,
+            lossless=exact and bool((predictions == reference).all()),
+            worst_class_drop=worst,
+        )
+        return accuracy_verdict(measured, self._budget), found
+
+
+def _best_realization(
+    built: dict[str, _Built],
+    candidates: dict[str, Candidate],
+    judge: _Judge,
+    example: torch.Tensor,
+    progress: Callable[[str], None],
+) -> Candidate | None:
+    """The candidate whose realization a ratio search uses: the fastest built so far that does not train,
+    holds no storage technique and is within the accuracy budget on the selection images (a short
+    interleaved latency measurement; the final figures come from the full one)."""
+    original = built[ORIGINAL].predictor
+    pool = [
+        name
+        for name, candidate in candidates.items()
+        if built[name].report.error is None
+        and cost_class(candidate) < TRAINING
+        and not any(step.name in STORAGE_ONLY for step in candidate.steps)
+    ]
+    within = [
+        name
+        for name in pool
+        if judge.selection_verdict(name, built[name].predictor, original, cost_class(candidates[name]) == LOSSLESS)[0]
+        is None
+    ]
+    if not within:
+        progress(
+            "ratio search: no variant without training is within the accuracy budget; using the configured realization"
+        )
+        return None
+    latencies = measure_latency({name: built[name].predictor for name in within}, example, warmup=3, iterations=15)
+    best = min(within, key=lambda name: latencies[name].p50_ms)
+    shown = ", ".join(f"{name} {latencies[name].p50_ms:.2f} ms" for name in within)
+    progress(f"ratio search realizes each pruned model like {best} (p50 of those within the accuracy budget: {shown})")
+    return candidates[best]
+
+
+def _search_ratio(
+    candidate: Candidate,
+    like: Candidate | None,
+    build: Callable[[Candidate, str], _Built | VariantReport],
+    judge: _Judge,
+    original: Predictor,
+    deadline: Deadline,
+    progress: Callable[[str], None],
+    label: str,
+) -> tuple[list[str], bool]:
+    """Bisect the pruning ratio of ``candidate`` (see ``ratio_search.py``); each ratio tried is built and judged
+    on the selection images. Returns the variants built, in the order tried, and whether time ran out."""
+    assert candidate.ratio_search is not None
+    bisection = RatioBisection(candidate.ratio_search)
+    names: list[str] = []
+    out_of_time = False
+    while (ratio := bisection.next_ratio()) is not None:
+        step = candidate.at_ratio(ratio, like)
+        if not deadline.admits(step):
+            out_of_time = True
+            progress(f"{label} {candidate.name}: the time budget stops the ratio search ({bisection.describe()})")
+            break
+        result = build(
+            step, f"{label} ratio {ratio:g} (step {bisection.steps + 1} of at most {bisection.settings.max_steps}):"
+        )
+        report = result if isinstance(result, VariantReport) else result.report
+        report.ratio_search, report.prune_ratio, report.search_step = candidate.name, ratio, bisection.steps + 1
+        names.append(step.name)
+        if isinstance(result, VariantReport):
+            bisection.record(ratio, within_budget=False)
+            continue
+        verdict, found = judge.selection_verdict(step.name, result.predictor, original, exact=False)
+        bisection.record(ratio, within_budget=verdict is None)
+        progress(
+            f"{label} ratio {ratio:g}: agreement {found.agreement:.2%}"
+            + ("" if found.top1_drop is None else f", drop {found.top1_drop:+.2f} pt (<= {found.top1_drop_upper:+.2f})")
+            + f" on {found.images} selection images: "
+            + ("within the accuracy budget" if verdict is None else f"outside it ({verdict})")
+        )
+    progress(f"{label} {candidate.name}: {bisection.describe()}")
+    return names, out_of_time
 
 
 def split_validation(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -1,8 +1,8 @@
 """The order of a search and its wall-clock budget: cheap candidates first, the search anytime.
 
-The search works through an ordered list of tasks (today one candidate each; a pruning-ratio search can
-add its steps as tasks of its own), cheapest first: lossless fp32 runtimes, then chains that do not train
-(int8, storage techniques), then chains that train (pruning with recovery, students). With
+The search works through an ordered list of tasks (one candidate each; a pruning-ratio search builds one
+variant per ratio it tries, each a task of its own), cheapest first: lossless fp32 runtimes, then chains
+that do not train (int8, storage techniques), then chains that train (pruning with recovery, students). With
 ``search.max_minutes`` a task is started only when it is expected to finish within the budget, so
 whatever was built by then is measured and the best of it chosen; the tasks left out are reported.
 """
@@ -94,8 +94,9 @@ class Deadline:
         self.durations.setdefault(cost_class(candidate), []).append(seconds)
 
     def eta(self, remaining: list[Candidate]) -> float:
-        """Seconds until the remaining tasks are done, as expected now (capped by the budget)."""
-        total = sum(self.expected(c) for c in remaining)
+        """Seconds until the remaining tasks are done, as expected now (capped by the budget); a ratio search
+        counts as many tasks as the ratios it may build."""
+        total = sum(self.expected(c) * (c.ratio_search.max_steps if c.ratio_search else 1) for c in remaining)
         limit = self.limit_s
         return total if limit is None else max(0.0, min(total, limit - self.elapsed()))
 

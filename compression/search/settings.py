@@ -66,12 +66,37 @@ class DataSettings(StrictModel):
         return self
 
 
+class RatioSearchSettings(StrictModel):
+    """Search the ratio of the candidate's ``channel_prune`` step instead of using the one written there."""
+
+    low: float = Field(0.1, gt=0, lt=1)
+    high: float = Field(0.8, gt=0, lt=1)
+    resolution: float = Field(0.05, gt=0, lt=1)
+    """The ratios tried lie on a grid from ``low`` to ``high`` in steps of this."""
+    max_steps: int = Field(4, ge=1)
+    """At most this many ratios are built (each one prunes and recovers): bisection needs about
+    log2((high - low) / resolution + 1) of them to find the boundary."""
+    realization: Literal["best", "as_given"] = "best"
+    """``best``: realize each pruned model like the fastest candidate without training that is within the
+    accuracy budget (e.g. int8 ONNX Runtime with its float fallback, else a lossless fp32 runtime), adding that
+    candidate's steps; ``as_given``: use this candidate's own ``realization``."""
+
+    @model_validator(mode="after")
+    def _check(self) -> RatioSearchSettings:
+        if self.low > self.high:
+            raise ValueError(f"low ({self.low}) must not exceed high ({self.high})")
+        return self
+
+
 class CandidateSettings(StrictModel):
     name: str = Field(pattern=r"^[A-Za-z0-9_.+-]+$")
     steps: list[dict[str, Any]] = Field(default_factory=list)
     """Techniques applied in order, each ``{technique: NAME, ...options}``."""
     realization: dict[str, Any] = Field(default_factory=dict)
     """``{runtime: eager|inductor|onnxruntime, precision: fp32|int8|fp16|bf16, ...}``."""
+    ratio_search: RatioSearchSettings | None = None
+    """Search the strength of the (one) ``channel_prune`` step: each ratio tried is built, recovered and
+    measured as a variant of its own, named ``<name>-r<percent>[-<realization>]``; None = the ratio as written."""
 
     @field_validator("steps")
     @classmethod
@@ -82,6 +107,17 @@ class CandidateSettings(StrictModel):
             except (TypeError, ValueError) as exc:
                 raise ValueError(f"step {index}: {exc}") from exc
         return steps
+
+    @model_validator(mode="after")
+    def _one_pruning_step(self) -> CandidateSettings:
+        if self.ratio_search is not None:
+            pruning = [step for step in self.steps if step.get("technique") == "channel_prune"]
+            if len(pruning) != 1:
+                raise ValueError(
+                    f"ratio_search needs exactly one channel_prune step to search the ratio of; {self.name!r} has "
+                    f"{len(pruning)}"
+                )
+        return self
 
     @field_validator("realization")
     @classmethod
