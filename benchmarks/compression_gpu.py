@@ -38,7 +38,7 @@ BATCHES = (1, 8, GPU_BATCH)
 GOAL_MODEL = "resnet50"
 GOAL_SPEEDUP = 3.0
 GOAL_AGREEMENT = 0.99
-PRUNED_PREFIX = "pruned50-"
+PRUNED_PREFIX = "pruned-r50-"
 
 
 def gpu_variants() -> list[Variant]:

@@ -87,22 +87,40 @@ def _label(steps: list[dict[str, Any]], realization: dict[str, Any]) -> str:
 
 def variants() -> list[Variant]:
     """The reference, two eager baselines that are not search candidates, and every default CPU candidate."""
-    prune = next(c for c in default_candidates("cpu") if c.name == "pruned50-onnxruntime-fp32").steps[0]
+    prune = {"technique": "channel_prune", "ratio": 0.5}
     eager_cl = {"runtime": "eager", "precision": "fp32", "channels_last": True}
     rows = [
         Variant(REFERENCE, "fp32 eager (reference)", (), None, candidate="original"),
         Variant("bnfold-eager-cl", "", (BN_FOLD,), eager_cl),
-        Variant("pruned50-eager-cl", "", (_untrained(prune), BN_FOLD), eager_cl),
+        Variant("pruned-r50-eager-cl", "", (_untrained(prune), BN_FOLD), eager_cl),
     ]
     return labelled(rows + candidate_variants("cpu"))
 
 
+LATENCY_RATIOS = (0.3, 0.5)
+"""A ratio-search candidate has no ratio of its own: its latency is shown at these ratios, realized like each of
+:data:`PRUNED_LIKE` (the realizations its search picks from in practice)."""
+PRUNED_LIKE = {"cpu": ("onnxruntime-fp32", "int8-onnxruntime"), "cuda": ("compiled-fp16", "fp16-cudagraphs")}
+
+
 def candidate_variants(device: str) -> list[Variant]:
-    """Every default candidate for ``device``, training steps off."""
-    return [
-        Variant(c.name, "", tuple(_untrained(s) for s in c.steps), c.realization, candidate=c.name)
-        for c in default_candidates(device)
-    ]
+    """Every default candidate for ``device``, training steps off; a ratio search at :data:`LATENCY_RATIOS`
+    realized like :data:`PRUNED_LIKE` (named as the search names the ratios it tries)."""
+    defaults = default_candidates(device)
+    likes = PRUNED_LIKE["cuda" if device.startswith("cuda") else "cpu"]
+    untrained = [c for c in defaults if c.name in likes]
+    rows = []
+    for c in defaults:
+        if c.ratio_search is None:
+            rows.append(Variant(c.name, "", tuple(_untrained(s) for s in c.steps), c.realization, candidate=c.name))
+            continue
+        for ratio in LATENCY_RATIOS:
+            pruned = [{**s, "ratio": ratio} if s["technique"] == "channel_prune" else s for s in c.steps]
+            for like in untrained:
+                steps = pruned + [s for s in like.steps if s not in pruned]
+                name = f"{c.name}-r{round(ratio * 100):02d}-{like.name}"
+                rows.append(Variant(name, "", tuple(_untrained(s) for s in steps), like.realization, candidate=name))
+    return rows
 
 
 def labelled(rows: list[Variant]) -> list[Variant]:

@@ -4,6 +4,10 @@ The defaults follow what was measured on each kind of device (docs/compression.m
 runtime matters as much as the technique (ONNX Runtime and AOTInductor beat eager; int8 pays; fp16
 and bf16 do not), on GPUs half precision and compilation are the main levers.
 
+Structured pruning is one ratio search per device (``pruned``): its ratio is bisected within the accuracy
+budget and each pruned model is realized like the fastest unpruned candidate within the budget (int8 ONNX
+Runtime with its float fallback on this CPU when int8 passes, else a lossless fp32 runtime).
+
 GPU defaults (not yet measured on a GPU: benchmarks/GPU-TODO.md): fp16 and bf16 with BN folded
 first, eager in NHWC (tensor cores' native layout), with and without CUDA graphs (launch overhead
 dominates small batches), and AOTInductor-compiled; structured pruning with channel counts kept at
@@ -24,16 +28,27 @@ from compression.search.settings import CandidateSettings, RatioSearchSettings
 from compression.techniques.registry import config_from_dict
 
 BN_FOLD: dict[str, Any] = {"technique": "bn_fold"}
-PRUNE_HALF: dict[str, Any] = {"technique": "channel_prune", "ratio": 0.5}
-PRUNE_HALF_GPU: dict[str, Any] = {**PRUNE_HALF, "round_to": 8}
+PRUNE: dict[str, Any] = {"technique": "channel_prune"}
+PRUNE_GPU: dict[str, Any] = {**PRUNE, "round_to": 8}
+SEARCH_RATIO: dict[str, Any] = {}
+"""A ratio search with its defaults: 0.1 to 0.8, at most 4 ratios built, each realized like the fastest
+unpruned candidate within the accuracy budget."""
 STUDENT: dict[str, Any] = {"technique": "student", "architecture": "depthwise_separable"}
 
 
 def _candidate(
-    name: str, steps: list[dict[str, Any]], runtime: str, precision: str, **options: Any
+    name: str,
+    steps: list[dict[str, Any]],
+    runtime: str,
+    precision: str,
+    ratio_search: dict[str, Any] | None = None,
+    **options: Any,
 ) -> CandidateSettings:
     return CandidateSettings(
-        name=name, steps=steps, realization={"runtime": runtime, "precision": precision, **options}
+        name=name,
+        steps=steps,
+        realization={"runtime": runtime, "precision": precision, **options},
+        ratio_search=ratio_search,
     )
 
 
@@ -45,15 +60,7 @@ def default_candidates(device: str) -> list[CandidateSettings]:
             _candidate("fp16-cudagraphs", [BN_FOLD], "eager", "fp16", channels_last=True, cuda_graphs=True),
             _candidate("compiled-fp16", [BN_FOLD], "inductor", "fp16"),
             _candidate("compiled-bf16", [BN_FOLD], "inductor", "bf16"),
-            _candidate("pruned50-compiled-fp16", [PRUNE_HALF_GPU, BN_FOLD], "inductor", "fp16"),
-            _candidate(
-                "pruned50-fp16-cudagraphs",
-                [PRUNE_HALF_GPU, BN_FOLD],
-                "eager",
-                "fp16",
-                channels_last=True,
-                cuda_graphs=True,
-            ),
+            _candidate("pruned", [PRUNE_GPU, BN_FOLD], "inductor", "fp16", SEARCH_RATIO),
             _candidate("student-compiled-fp16", [STUDENT, BN_FOLD], "inductor", "fp16"),
         ]
     return [
@@ -61,8 +68,7 @@ def default_candidates(device: str) -> list[CandidateSettings]:
         _candidate("compiled-fp32", [BN_FOLD], "inductor", "fp32"),
         _candidate("int8-onnxruntime", [], "onnxruntime", "int8"),
         _candidate("int8-compiled", [], "inductor", "int8"),
-        _candidate("pruned50-onnxruntime-fp32", [PRUNE_HALF, BN_FOLD], "onnxruntime", "fp32"),
-        _candidate("pruned50-int8-onnxruntime", [PRUNE_HALF], "onnxruntime", "int8"),
+        _candidate("pruned", [PRUNE], "onnxruntime", "fp32", SEARCH_RATIO),
         _candidate("student-int8-onnxruntime", [STUDENT], "onnxruntime", "int8"),
         # Storage techniques: they shrink the compressed file, not the latency of dense kernels.
         _candidate(
