@@ -40,7 +40,7 @@ from compression.search.data import EvalData
 from compression.search.frontier import frontier
 from compression.search.latency import measure_latency
 from compression.search.ratio_search import RatioBisection
-from compression.search.schedule import LOSSLESS, TRAINING, Deadline, cost_class, plan, skip_reason
+from compression.search.schedule import LOSSLESS, TRAINING, Deadline, cost_class, plan, skip_reason, training_seconds
 from compression.search.selection import (
     MIN_CLASS_IMAGES,
     Evidence,
@@ -343,6 +343,13 @@ def _search(
 
     def build(candidate: Candidate, label: str) -> _Built | VariantReport:
         progress(f"{label} candidate {candidate.name}: {' -> '.join(candidate.techniques)}")
+        fitted = deadline.fit(candidate)
+        if fitted is not candidate:
+            progress(
+                f"{label} {candidate.name}: distillation cut to {training_seconds(fitted):.0f} s to end within the "
+                f"time budget (search.max_minutes {settings.search.max_minutes})"
+            )
+            candidate = fitted
         task_started = clock()
         spans.candidate(candidate.name, candidate.techniques, candidate.realization.to_dict())
         with spans.step(candidate.name, "build") as build_span:

@@ -9,6 +9,7 @@ whatever was built by then is measured and the best of it chosen; the tasks left
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,6 +21,10 @@ EXACT_STEPS = {"bn_fold"}
 """Transforms that compute the same function (up to float rounding)."""
 TRAINING_STEPS = {"channel_prune", "magnitude_prune", "student"}
 LOSSLESS, NO_TRAINING, TRAINING = 0, 1, 2
+TRAINING_SHARE = 0.75
+"""Of the time left, the share a candidate's distillation may take when the time budget binds (the rest is for
+pruning, export and calibration)."""
+MIN_TRAINING_S = 5.0
 
 
 def cost_class(candidate: Candidate) -> int:
@@ -49,13 +54,14 @@ def skip_reason(candidate: Candidate, calibration_images: int, settings: SearchS
     return None
 
 
-def _training_seconds(candidate: Candidate) -> float:
-    total = 0.0
-    for step in candidate.steps:
-        distillation = getattr(step, "distillation", None)
-        if distillation is not None and distillation.epochs > 0 and getattr(step, "weights_path", None) is None:
-            total += distillation.time_budget_s
-    return total
+def _trains(step: object) -> bool:
+    distillation = getattr(step, "distillation", None)
+    return distillation is not None and distillation.epochs > 0 and getattr(step, "weights_path", None) is None
+
+
+def training_seconds(candidate: Candidate) -> float:
+    """The distillation time budgets of the steps that train."""
+    return sum(step.distillation.time_budget_s for step in candidate.steps if _trains(step))  # type: ignore[attr-defined]
 
 
 @dataclass
@@ -84,11 +90,34 @@ class Deadline:
         if same:
             return sum(same) / len(same)
         every = [d for ds in self.durations.values() for d in ds]
-        return max(_training_seconds(candidate), sum(every) / len(every) if every else 0.0)
+        return max(training_seconds(candidate), sum(every) / len(every) if every else 0.0)
 
     def admits(self, candidate: Candidate) -> bool:
         limit = self.limit_s
         return limit is None or self.elapsed() + self.expected(candidate) <= limit
+
+    def fit(self, candidate: Candidate) -> Candidate:
+        """``candidate`` with its distillation time budgets cut to :data:`TRAINING_SHARE` of the time left, when
+        they would not fit in it (so a started candidate ends near the budget instead of past it)."""
+        limit, training = self.limit_s, training_seconds(candidate)
+        if limit is None or training == 0:
+            return candidate
+        allowed = max(MIN_TRAINING_S, (limit - self.elapsed()) * TRAINING_SHARE)
+        if training <= allowed:
+            return candidate
+        scale = allowed / training
+        steps = tuple(
+            dataclasses.replace(
+                step,
+                distillation=dataclasses.replace(  # type: ignore[attr-defined]
+                    step.distillation, time_budget_s=round(step.distillation.time_budget_s * scale, 1)
+                ),
+            )
+            if _trains(step)
+            else step
+            for step in candidate.steps
+        )
+        return dataclasses.replace(candidate, steps=steps)
 
     def record(self, candidate: Candidate, seconds: float) -> None:
         self.durations.setdefault(cost_class(candidate), []).append(seconds)

@@ -124,3 +124,14 @@ def test_the_time_budget_stops_the_ratio_search_and_reports_it(tmp_path: Path) -
     assert len(steps) == 2
     assert report.not_tried == ["pruned (ratios after the 2 tried)"]
     assert any("the time budget stops the ratio search" in line for line in lines)
+
+
+def test_the_time_budget_cuts_a_started_candidates_distillation_to_the_time_left(tmp_path: Path) -> None:
+    clock, lines = Clock(), []
+    recovering = {"technique": "channel_prune", "distillation": {"epochs": 1, "time_budget_s": 120}}
+    searched = {**candidate("pruned", [recovering]), "ratio_search": {"max_steps": 1}}
+    # NOTE: fp32 "takes" 40 s of the 3 minutes; 75% of the 140 s left is 105 s, less than the step's 120 s.
+    report = search(tmp_path, [candidate("fp32"), searched], clock, lines, max_minutes=3)
+    (step,) = [v for v in report.candidates if v.ratio_search == "pruned"]
+    assert step.steps[0]["distillation"]["time_budget_s"] == 105.0
+    assert any("distillation cut to 105 s" in line for line in lines)
