@@ -5,7 +5,13 @@ so unlabeled images suffice: the teacher provides both the soft and the hard tar
 bounded by ``epochs`` and ``time_budget_s`` (whichever comes first) and the learning rate follows
 a cosine decay over whichever of the two bounds is closer, so a run cut short by time still ends at
 a small learning rate. The clock enters the schedule only once the steps planned would not fit in the
-budget: a run that fits depends on its seed alone, not on how busy the machine was.
+budget: a run that fits depends on its seed alone, not on how busy the machine was. To train for the
+whole budget, set ``epochs`` above what fits: the budget then binds and the rate anneals over it.
+
+With augmentation (shifts, flips, mixup, CutMix: ``kd_augment.py``) the teacher labels each batch as the
+student sees it. After every epoch the student is scored on a holdout of the inputs (agreement with the
+teacher's top-1, ties broken by the KD loss there); ``patience`` stops a run that no longer improves and
+``restore_best`` ends on the best epoch's weights rather than the last.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from torch import nn
 
 from compression.context import CompressionContext
 from compression.errors import check_float, check_int
+from compression.techniques.kd_augment import Augmentation, augment
 
 _EVAL_BATCH = 256
 
@@ -45,11 +52,26 @@ class DistillSettings:
     batch_size: int = 64
     weight_decay: float = 0.0
     augment: bool = False
-    """Random translations of up to ``max_shift`` of the image size, drawn per image; costs a teacher
-    forward per batch instead of teacher logits computed once."""
+    """Random translations of up to ``max_shift`` of the image size, drawn per image. Any augmentation
+    costs a teacher forward per batch instead of teacher logits computed once."""
     max_shift: float = 0.08
+    flip: bool = False
+    """Mirror each image left-right with probability 1/2. Valid even where mirroring changes the class
+    (digits): the teacher labels the mirrored image."""
+    mixup: float = 0.0
+    """Blend each image with another of its batch, the weight drawn from Beta(mixup, mixup) (0: off); the
+    teacher labels the blend. Small values (0.2-0.4) keep most blends close to one of the two images."""
+    cutmix: float = 0.0
+    """Paste a box of another image of the batch, covering a share drawn from Beta(cutmix, cutmix) (0: off).
+    With ``mixup`` as well, each image gets one of the two at random."""
     holdout_fraction: float = 0.1
     """Share of the inputs held back (never trained on) to measure agreement with the teacher."""
+    patience: int = 3
+    """Stop after this many epochs in which neither the holdout agreement nor the holdout KD loss
+    improved (0: never stop early)."""
+    restore_best: bool = True
+    """End with the weights of the epoch with the highest holdout agreement (ties: the lower holdout
+    loss), not those of the last epoch."""
 
     def __post_init__(self) -> None:
         check_int("epochs", self.epochs, 0)
@@ -59,10 +81,21 @@ class DistillSettings:
         check_float("lr", self.lr, 0.0, low_open=True)
         check_int("batch_size", self.batch_size, 2)  # NOTE: BatchNorm cannot train on one sample
         check_float("weight_decay", self.weight_decay, 0.0)
-        if not isinstance(self.augment, bool):
-            raise ValueError(f"augment must be a bool, got {self.augment!r}")
+        for name in ("augment", "flip", "restore_best"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         check_float("max_shift", self.max_shift, 0.0, 0.5, high_open=True)
+        check_float("mixup", self.mixup, 0.0)
+        check_float("cutmix", self.cutmix, 0.0)
         check_float("holdout_fraction", self.holdout_fraction, 0.0, 1.0, low_open=True, high_open=True)
+        check_int("patience", self.patience, 0)
+
+    @property
+    def augmentation(self) -> Augmentation:
+        """The per-batch transforms these settings ask for (``Augmentation.active`` is False for none)."""
+        return Augmentation(
+            max_shift=self.max_shift if self.augment else 0.0, flip=self.flip, mixup=self.mixup, cutmix=self.cutmix
+        )
 
 
 def check_distill_settings(name: str, value: object) -> None:
@@ -118,19 +151,6 @@ def agreement(model: nn.Module, inputs: torch.Tensor, teacher_logits: torch.Tens
     return float((pred == teacher_logits.argmax(dim=1)).float().mean())
 
 
-def _shift(batch: torch.Tensor, max_shift: float, gen: torch.Generator) -> torch.Tensor:
-    """Translate each image by up to ``max_shift`` of its size; borders are replicated."""
-    n = batch.shape[0]
-    # NOTE: affine_grid coordinates span [-1, 1], so a shift of ``max_shift`` of the size is 2 * max_shift.
-    offsets = (torch.rand(n, 2, generator=gen) * 2 - 1) * (2 * max_shift)
-    theta = torch.zeros(n, 2, 3)
-    theta[:, 0, 0] = 1.0
-    theta[:, 1, 1] = 1.0
-    theta[:, :, 2] = offsets
-    grid = F.affine_grid(theta.to(batch.device), list(batch.shape), align_corners=False)
-    return F.grid_sample(batch, grid, mode="bilinear", padding_mode="border", align_corners=False)
-
-
 def distill(
     student: nn.Module,
     teacher: nn.Module,
@@ -143,10 +163,16 @@ def distill(
     """Train ``student`` **in place** to mimic ``teacher`` on ``inputs``; returns it in eval mode.
 
     ``before_step(student)`` runs after each backward pass, before the optimizer step (e.g. to mask
-    gradients). The teacher is only run in eval mode and is left unchanged.
+    gradients). The teacher is only run in eval mode and is left unchanged. With ``settings.restore_best``
+    the student ends with the weights of its best epoch on the holdout.
     """
     if inputs.ndim < 2 or len(inputs) < 2:
         raise ValueError(f"distillation needs at least 2 inputs, got shape {tuple(inputs.shape)}")
+    aug = settings.augmentation
+    if aug.active and inputs.ndim != 4:
+        raise ValueError(
+            f"augmentation (augment, flip, mixup, cutmix) needs images (N, C, H, W), got shape {tuple(inputs.shape)}"
+        )
     device = ctx.device
     home = next(student.parameters()).device
     student.to(device)
@@ -164,13 +190,68 @@ def distill(
         try:
             hold_t = logits_of(teacher, hold_x, device)
             # NOTE: without augmentation the teacher's targets never change: compute them once.
-            train_t = None if settings.augment else logits_of(teacher, train_x, device)
-            _train(student, teacher, train_x, train_t, hold_x, hold_t, settings, ctx, gen, started, before_step)
+            train_t = None if aug.active else logits_of(teacher, train_x, device)
+            best = _Best(keep_state=settings.restore_best)
+            _train(student, teacher, train_x, train_t, hold_x, hold_t, settings, ctx, gen, started, before_step, best)
+            best.restore(student, ctx)
         finally:
             teacher.train(teacher_was_training)
     student.zero_grad(set_to_none=True)
     student.eval()
     return student.to(home)
+
+
+@dataclass
+class _Best:
+    """The best epoch on the holdout so far (for ``restore_best``) and the epochs since any improvement
+    (for ``patience``)."""
+
+    keep_state: bool
+    epoch: int = 0
+    agreement: float = -1.0
+    loss: float = math.inf
+    state: dict[str, torch.Tensor] | None = None
+    lowest_loss: float = math.inf
+    stale: int = 0
+    """Epochs in a row in which neither the agreement nor the loss beat every earlier epoch's."""
+    last_epoch: int = 0
+    last_agreement: float = 0.0
+
+    def record(self, epoch: int, agreement: float, loss: float, student: nn.Module) -> None:
+        # NOTE: patience counts from the last improvement of either figure: agreement on a small holdout
+        # moves in steps of one image and can stall for epochs while the loss still falls.
+        improved = agreement > self.agreement or loss < self.lowest_loss
+        self.stale = 0 if improved else self.stale + 1
+        self.lowest_loss = min(self.lowest_loss, loss)
+        self.last_epoch, self.last_agreement = epoch, agreement
+        if (agreement, -loss) >= (self.agreement, -self.loss):  # NOTE: a full tie goes to the later epoch
+            self.epoch, self.agreement, self.loss = epoch, agreement, loss
+            if self.keep_state:
+                self.state = {k: v.detach().clone() for k, v in student.state_dict().items()}
+
+    def restore(self, student: nn.Module, ctx: CompressionContext) -> None:
+        """Load the best epoch's weights into ``student`` unless they are the last epoch's already."""
+        if self.state is None or self.epoch == self.last_epoch:
+            return
+        student.load_state_dict(self.state)
+        ctx.progress(
+            f"distill restored epoch {self.epoch}: agreement={self.agreement:.2%} holdout_loss={self.loss:.4f} "
+            f"(last epoch {self.last_epoch}: agreement={self.last_agreement:.2%})"
+        )
+
+
+def _holdout_score(
+    student: nn.Module, hold_x: torch.Tensor, hold_t: torch.Tensor, settings: DistillSettings
+) -> tuple[float, float]:
+    """Agreement with the teacher's top-1 and KD loss of ``student`` (in eval mode) on the holdout."""
+    was_training = student.training
+    student.eval()
+    try:
+        logits = logits_of(student, hold_x, hold_t.device)
+    finally:
+        student.train(was_training)
+    agree = float((logits.argmax(dim=1) == hold_t.argmax(dim=1)).float().mean())
+    return agree, float(kd_loss(logits, hold_t, settings.temperature, settings.alpha))
 
 
 def _train(
@@ -185,9 +266,11 @@ def _train(
     gen: torch.Generator,
     started: float,
     before_step: Callable[[nn.Module], None] | None,
+    best: _Best,
 ) -> None:
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    aug = settings.augmentation
     n = len(train_x)
     steps_per_epoch = math.ceil(n / settings.batch_size)
     total_steps = max(1, settings.epochs * steps_per_epoch)
@@ -212,8 +295,8 @@ def _train(
             for group in optimizer.param_groups:
                 group["lr"] = settings.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
             x = train_x[idx.to(train_x.device)]
-            if train_t is None:  # NOTE: None exactly when settings.augment: the targets change with each shift
-                x = _shift(x, settings.max_shift, gen)
+            if train_t is None:  # NOTE: None exactly when augmenting: the teacher labels the batch as transformed
+                x = augment(x, aug, gen)
                 t = logits_of(teacher, x, x.device)
             else:
                 t = train_t[idx.to(train_t.device)]
@@ -227,11 +310,18 @@ def _train(
             loss_sum += float(loss.detach()) * len(idx)
             seen += len(idx)
         if seen:
+            hold_agreement, hold_loss = _holdout_score(student, hold_x, hold_t, settings)
+            best.record(epoch, hold_agreement, hold_loss, student)
             ctx.progress(
                 f"distill epoch {epoch}/{settings.epochs}: loss={loss_sum / seen:.4f} "
-                f"agreement={agreement(student, hold_x, hold_t):.2%} "
+                f"agreement={hold_agreement:.2%} holdout_loss={hold_loss:.4f} "
                 f"elapsed={time.perf_counter() - started:.1f}s"
             )
         if out_of_time:
             ctx.progress(f"distill stopped by time budget ({settings.time_budget_s:g}s) in epoch {epoch}")
+            break
+        if settings.patience and best.stale >= settings.patience and epoch < settings.epochs:
+            ctx.progress(
+                f"distill stopped early in epoch {epoch}: no holdout improvement in {settings.patience} epochs"
+            )
             break

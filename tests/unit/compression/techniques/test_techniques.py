@@ -537,8 +537,8 @@ def test_distill_respects_time_budget_and_is_seeded() -> None:
         DepthwiseSeparableNet(3, NUM_CLASSES, depth=2, base_width=8), teacher, ctx.calibration_inputs, settings, ctx
     )
     # NOTE: no wall-clock assertion (the machine is shared); the loop must say it stopped on the budget
-    # long before its 1000 epochs.
-    assert "stopped by time budget" in lines[-1]
+    # long before its 1000 epochs (the last line may say which epoch it restored).
+    assert any("stopped by time budget" in line for line in lines[-2:])
     assert len(lines) < 500
     two_epochs = DistillSettings(epochs=2, time_budget_s=60.0, batch_size=16, augment=True)
     runs = []
@@ -560,8 +560,9 @@ def test_distill_reports_one_line_per_epoch_and_improves_agreement() -> None:
     x = ctx.calibration_inputs
     t = logits_of(teacher, x, torch.device("cpu"))
     before = agreement(student, x, t)
-    distill(student, teacher, x, DistillSettings(epochs=12, lr=1e-2, batch_size=32), ctx)
-    assert len(lines) == 12 and all("agreement=" in line and "elapsed=" in line for line in lines)
+    distill(student, teacher, x, DistillSettings(epochs=12, lr=1e-2, batch_size=32, patience=0), ctx)
+    epochs = [line for line in lines if line.startswith("distill epoch")]
+    assert len(epochs) == 12 and all("agreement=" in line and "elapsed=" in line for line in epochs)
     assert t.argmax(1).unique().numel() >= 3  # the task is not trivial
     assert agreement(student, x, t) > max(before + 0.2, 0.6)
 
