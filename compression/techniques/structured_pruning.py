@@ -18,6 +18,7 @@ from torch import nn
 
 from compression.context import CompressionContext
 from compression.errors import TechniqueError, check_float, check_int
+from compression.techniques import pruning_sensitivity
 from compression.techniques.analysis import count_macs, count_params
 from compression.techniques.distillation import (
     PRUNING_FIELDS_MOVED,
@@ -61,6 +62,9 @@ class ChannelPruneConfig:
     norm: int = 2
     """p of the L-p norm for ``importance="magnitude"`` (1 or 2)."""
     global_pruning: bool = False
+    sensitivity_scan: bool = False
+    """Per-layer ratios from a sensitivity scan (``pruning_sensitivity.py``): each group pruned alone at
+    ``ratio`` without recovery, then ratios lower where that changed the outputs more, averaging ``ratio``."""
     ignored_layers: tuple[str, ...] | None = None
     """Module names left unpruned; None = the final classifier layer, detected from the outputs."""
     round_to: int | None = None
@@ -74,8 +78,11 @@ class ChannelPruneConfig:
         if self.importance not in IMPORTANCES:
             raise ValueError(f"importance must be one of {sorted(IMPORTANCES)}, got {self.importance!r}")
         check_int("norm", self.norm, 1, 2)
-        if not isinstance(self.global_pruning, bool):
-            raise ValueError(f"global_pruning must be a bool, got {self.global_pruning!r}")
+        for flag in ("global_pruning", "sensitivity_scan"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ValueError(f"{flag} must be a bool, got {getattr(self, flag)!r}")
+        if self.global_pruning and self.sensitivity_scan:
+            raise ValueError("global_pruning and sensitivity_scan are two ways to allocate the ratio: choose one")
         names = self.ignored_layers
         if names is not None:
             if isinstance(names, str) or not all(isinstance(n, str) for n in names):
@@ -151,6 +158,66 @@ def _check_forward(model: nn.Module, example: torch.Tensor) -> None:
             h.remove()
 
 
+def _pruner(
+    model: nn.Module,
+    config: ChannelPruneConfig,
+    example: torch.Tensor,
+    ignored: list[nn.Module],
+    ratio: float,
+    ratios: dict[nn.Module, float] | None = None,
+) -> tp.pruner.BasePruner:
+    try:
+        return tp.pruner.BasePruner(
+            model,
+            example,
+            importance=IMPORTANCES[config.importance].make(config.norm),
+            global_pruning=config.global_pruning,
+            pruning_ratio=ratio,
+            pruning_ratio_dict=ratios,
+            max_pruning_ratio=_MAX_LAYER_RATIO,
+            ignored_layers=ignored,
+            round_to=config.round_to,
+            root_module_types=pruning_sensitivity.ROOT_TYPES,
+        )
+    except Exception as exc:  # noqa: BLE001 - DepGraph tracing raises many types
+        raise TechniqueError(f"torch-pruning cannot build the dependency graph: {exc}") from exc
+
+
+def _sensitivity_ratios(
+    model: nn.Module, config: ChannelPruneConfig, ctx: CompressionContext, example: torch.Tensor, ignored: list[str]
+) -> dict[str, float]:
+    """Per-group ratios from :mod:`pruning_sensitivity` (root module name -> ratio)."""
+    needs_gradients = IMPORTANCES[config.importance].needs_gradients
+
+    def make(copy: nn.Module, ratios: dict[nn.Module, float]) -> tp.pruner.BasePruner:
+        modules = dict(copy.named_modules())
+        return _pruner(copy, config, example, [modules[n] for n in ignored], 0.0, ratios)
+
+    def prepare(copy: nn.Module) -> None:
+        if needs_gradients:
+            _taylor_gradients(copy, ctx.teacher, ctx)
+
+    modules = dict(model.named_modules())
+    groups = pruning_sensitivity.scan(
+        model,
+        example,
+        ctx.calibration_inputs.to(ctx.device),
+        config.ratio,
+        [modules[n] for n in ignored],
+        make,
+        prepare,
+    )
+    ratios = pruning_sensitivity.allocate(groups, config.ratio, _MAX_LAYER_RATIO)
+    ordered = sorted(groups, key=lambda g: g.sensitivity)
+    ctx.progress(
+        f"channel_prune sensitivity scan ({len(groups)} groups at ratio {config.ratio:g}): least sensitive "
+        + ", ".join(f"{g.root} {ratios[g.root]:.2f}" for g in ordered[:3])
+        + "; most sensitive "
+        + ", ".join(f"{g.root} {ratios[g.root]:.2f}" for g in ordered[-3:])
+    )
+    return ratios
+
+
 def _prune(model: nn.Module, config: ChannelPruneConfig, ctx: CompressionContext) -> None:
     """Prune ``model`` in place."""
     spec = IMPORTANCES[config.importance]
@@ -159,19 +226,12 @@ def _prune(model: nn.Module, config: ChannelPruneConfig, ctx: CompressionContext
     example = ctx.example_inputs[:1].to(ctx.device)
     ignored = _resolve_ignored(model, config, example)
     names = {m: n for n, m in model.named_modules()}
-    try:
-        pruner = tp.pruner.BasePruner(
-            model,
-            example,
-            importance=spec.make(config.norm),
-            global_pruning=config.global_pruning,
-            pruning_ratio=config.ratio,
-            max_pruning_ratio=_MAX_LAYER_RATIO,
-            ignored_layers=ignored,
-            round_to=config.round_to,
-        )
-    except Exception as exc:  # noqa: BLE001 - DepGraph tracing raises many types
-        raise TechniqueError(f"torch-pruning cannot build the dependency graph: {exc}") from exc
+    ratios = None
+    if config.sensitivity_scan:
+        modules = dict(model.named_modules())
+        found = _sensitivity_ratios(model, config, ctx, example, [names[m] for m in ignored])
+        ratios = {modules[root]: ratio for root, ratio in found.items()}
+    pruner = _pruner(model, config, example, ignored, config.ratio, ratios)
     if spec.needs_gradients:
         _taylor_gradients(model, ctx.teacher, ctx)
     groups = pruner.step(interactive=True)
