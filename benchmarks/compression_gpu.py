@@ -28,7 +28,14 @@ import torch
 
 from benchmarks.common import table
 from benchmarks.compression_common import chosen_row, fidelity_table, format_ms, print_progress, selected, write_results
-from benchmarks.compression_fidelity import GPU_BATCH, FidelityResult, cached_fidelity, run_fidelity
+from benchmarks.compression_fidelity import (
+    GPU_BATCH,
+    RECIPES,
+    FidelityResult,
+    cached_fidelity,
+    run_fidelity,
+    split_sizes,
+)
 from benchmarks.compression_latency import REFERENCE, Row, Variant, candidate_variants, labelled, run_latency
 from compression.runtimes.cuda_support import CudaUnavailable, require_cuda
 from compression.search.candidates import BN_FOLD
@@ -153,10 +160,13 @@ def run_gpu(args: argparse.Namespace, cli_args: list[str]) -> None:
     models = list(MODELS) if args.models is None else args.models
     args.out.mkdir(parents=True, exist_ok=True)
     target = str(device)
+    recipe = RECIPES[args.dataset]
     fid = (
-        cached_fidelity(args.out, device=target)
+        cached_fidelity(args.out, recipe, device=target)
         if args.skip_fidelity
-        else run_fidelity(args.out, progress=print_progress, fresh_search=args.fresh_search, device=target)
+        else run_fidelity(
+            args.out, progress=print_progress, fresh_search=args.fresh_search, recipe=recipe, device=target
+        )
     )
     latency, chosen, reasons = {}, {}, {}
     for arch in models:
@@ -186,12 +196,14 @@ def run_gpu(args: argparse.Namespace, cli_args: list[str]) -> None:
         lines += [f"### {arch}", "", throughput_table(latency[arch], chosen[arch], fid), ""]
         lines += [f"Chosen: `{chosen[arch]}` ({reasons[arch]}).", "", *([note, ""] if note else [])]
     if fid is not None:
+        _, n_val, n_test = split_sizes(fid.recipe)
         lines += [
-            "## Fidelity (torchvision resnet18 trained on digits, searched on the GPU)",
+            f"## Fidelity (torchvision resnet18 trained on {fid.recipe.get('dataset', 'digits')}, searched on the GPU)",
             "",
             f"`run_search` with the default GPU candidates, top-1 drop <= 1 point and agreement >= 99% on "
-            f'"val" (500 images), objective fastest, latency at batch {GPU_BATCH} on the GPU '
-            f'({fid.report.search_seconds:.0f} s); every variant scored afterwards on "test" (500 images, disjoint).',
+            f'"val" ({n_val:,} images), objective fastest, latency at batch {GPU_BATCH} on the GPU '
+            f'({fid.report.search_seconds:.0f} s); every variant scored afterwards on "test" ({n_test:,} images, '
+            "disjoint).",
             "",
             fidelity_table(fid),
             "",
