@@ -67,6 +67,12 @@ def accelerator_class(device: str) -> str | None:
     return f"{torch.cuda.get_device_name(index)} sm_{major}{minor}"
 
 
+SEARCH_REVISION = 2
+"""Bumped when the search itself changes what it would choose for the same inputs (2: honest selection, the
+pruning-ratio search and the new default candidates), so results chosen by an older search are searched again
+rather than served from the cache."""
+
+
 def cache_key(
     *, model_file: Path | None, model_settings: dict[str, Any], compression_settings: dict[str, Any], device: str
 ) -> tuple[str, dict[str, Any]]:
@@ -78,6 +84,7 @@ def cache_key(
         "device": device,
         "cpu_isa": current_cpu_isa(),
         "versions": library_versions(),
+        "search_revision": SEARCH_REVISION,
     }
     if (accelerator := accelerator_class(device)) is not None:
         inputs["accelerator"] = accelerator  # only for GPUs, so CPU keys stay what they were

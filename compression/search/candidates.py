@@ -28,7 +28,7 @@ from compression.search.settings import CandidateSettings, RatioSearchSettings
 from compression.techniques.registry import config_from_dict
 
 BN_FOLD: dict[str, Any] = {"technique": "bn_fold"}
-PRUNE: dict[str, Any] = {"technique": "channel_prune"}
+PRUNE: dict[str, Any] = {"technique": "channel_prune", "sensitivity_scan": True}
 PRUNE_GPU: dict[str, Any] = {**PRUNE, "round_to": 8}
 SEARCH_RATIO: dict[str, Any] = {}
 """A ratio search with its defaults: 0.1 to 0.8, at most 4 ratios built, each realized like the fastest

@@ -2,9 +2,11 @@
 
 The search assumes that a stronger pruning never recovers more accuracy than a weaker one (monotone), so
 every ratio tried bounds the rest: a ratio within the accuracy budget clears every weaker one, a ratio
-outside it rules out every stronger one. Each next ratio is the middle of the grid points still unknown,
-so ``high - low`` at ``resolution`` takes about ``log2((high - low) / resolution + 1)`` builds; the answer
-is the strongest ratio that passed. The first ratio tried is the grid's middle point.
+outside it rules out every stronger one. The first ratio tried is the grid's middle point; after a failure
+with no pass yet the weakest ratio (``low``) is tried next, so a model that no ratio suits costs two builds,
+not ``log2`` of the grid; otherwise each next ratio is the middle of the grid points still unknown, so
+``high - low`` at ``resolution`` takes about ``log2((high - low) / resolution + 1)`` builds (one more when
+the first ratio failed). The answer is the strongest ratio that passed.
 """
 
 from __future__ import annotations
@@ -44,7 +46,11 @@ class RatioBisection:
         if self.steps >= self.settings.max_steps:
             return None
         unknown = self.unknown()
-        return unknown[(len(unknown) - 1) // 2] if unknown else None
+        if not unknown:
+            return None
+        if self.failed and not self.passed:
+            return unknown[0]
+        return unknown[(len(unknown) - 1) // 2]
 
     def record(self, ratio: float, within_budget: bool) -> None:
         (self.passed if within_budget else self.failed).append(ratio)

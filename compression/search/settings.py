@@ -141,7 +141,7 @@ class SearchSettings(StrictModel):
     max_minutes: float | None = Field(None, gt=0)
     """Wall-clock budget for building candidates (cheap ones first); a candidate that would not finish in
     time is not started and the report lists it. None: no limit. The final measurement runs after it."""
-    student_min_images: int = Field(2000, ge=0)
+    student_min_images: int = Field(10_000, ge=0)
     """A ``student`` step trained from scratch (no ``weights_path``) is skipped, with the reason in the
     report, when there are fewer calibration images than this."""
 

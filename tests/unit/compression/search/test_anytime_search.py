@@ -118,7 +118,7 @@ def test_every_measured_variant_carries_selection_and_confirmation_figures(tmp_p
 def test_a_student_is_skipped_on_a_small_calibration_set_with_the_reason(tmp_path: Path) -> None:
     report = search(tmp_path, [candidate("student", [STUDENT]), candidate("fp32")], Clock(), [])
     student = report.variant("student")
-    assert student.skipped is not None and "at least 2000 calibration images" in student.skipped
+    assert student.skipped is not None and "at least 10000 calibration images" in student.skipped
     assert "there are 64" in student.skipped and student.build_seconds is None and student.error is None
     assert report.not_tried == [] and not (tmp_path / CANDIDATES_DIR / "student").exists()
     assert "skipped" in markdown(report)
