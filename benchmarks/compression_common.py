@@ -76,6 +76,8 @@ def fidelity_table(fid: FidelityResult) -> str:
         test = original if v.name == ORIGINAL else fid.test.get(v.name, {})
         if v.error:
             status = "FAILED: " + v.error[:160]
+        elif v.skipped:
+            status = v.skipped.split(":")[0]
         else:
             status = (
                 "**chosen**"
