@@ -95,3 +95,24 @@ def test_the_scan_reports_each_groups_root_and_channels() -> None:
 def test_global_pruning_and_the_scan_are_exclusive() -> None:
     with pytest.raises(ValueError, match="choose one"):
         ChannelPruneConfig(global_pruning=True, sensitivity_scan=True)
+
+
+@pytest.mark.parametrize(
+    "allocation", [{}, pytest.param({"sensitivity_scan": True}, marks=pytest.mark.slow)], ids=["uniform", "scan"]
+)
+def test_a_depthwise_network_prunes_and_stays_depthwise(allocation: dict) -> None:
+    """mobilenet_v3_small (depthwise convs, squeeze-excitation, hardswish): channels removed, every depthwise
+    conv still one filter per channel, the forward pass intact."""
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = torchvision.models.mobilenet_v3_small(num_classes=10).eval()
+    images = torch.randn(64, 3, 32, 32)
+    ctx = _ctx(model)
+    ctx.calibration_inputs, ctx.example_inputs = images, images[:1]
+    step = {"technique": "channel_prune", "ratio": 0.3, "distillation": {"epochs": 0}, **allocation}
+    pruned = apply(model, config_from_dict(step), ctx)
+    depthwise = [m for m in pruned.modules() if isinstance(m, nn.Conv2d) and m.groups > 1]
+    assert depthwise and all(m.groups == m.in_channels == m.out_channels for m in depthwise)
+    assert sum(p.numel() for p in pruned.parameters()) < 0.7 * sum(p.numel() for p in model.parameters())
+    with torch.no_grad():
+        assert pruned(images[:2]).shape == (2, 10)
