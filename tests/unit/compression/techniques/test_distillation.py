@@ -69,15 +69,15 @@ def _ctx(teacher: nn.Module, n: int, progress: Callable[[str], None], seed: int 
 # -- settings --------------------------------------------------------------------------------------
 
 
-def test_new_fields_default_to_what_old_configs_meant_plus_early_stopping() -> None:
+def test_new_fields_default_to_what_old_configs_meant() -> None:
     settings = DistillSettings()
     assert (settings.flip, settings.mixup, settings.cutmix) == (False, 0.0, 0.0)
-    assert (settings.patience, settings.restore_best) == (3, True)
+    assert (settings.patience, settings.restore_best) == (0, False)
     assert not settings.augmentation.active
     assert DistillSettings(augment=True).augmentation.max_shift == 0.08
     assert DistillSettings(max_shift=0.2).augmentation.max_shift == 0.0  # NOTE: max_shift alone shifts nothing
     old = config_from_dict({"technique": "channel_prune", "distillation": {"epochs": 3, "augment": True}})
-    assert old.distillation.epochs == 3 and old.distillation.patience == 3
+    assert old.distillation.epochs == 3 and old.distillation.patience == 0
 
 
 @pytest.mark.parametrize(
@@ -201,7 +201,7 @@ def _corrupted_run(settings: DistillSettings, good_epochs: int) -> tuple[nn.Modu
 
 
 def test_patience_stops_and_the_best_epoch_is_restored() -> None:
-    settings = DistillSettings(epochs=12, batch_size=16, lr=1e-2, patience=2)
+    settings = DistillSettings(epochs=12, batch_size=16, lr=1e-2, patience=2, restore_best=True)
     student, lines, snapshots = _corrupted_run(settings, good_epochs=4)
     epochs = [line for line in lines if line.startswith("distill epoch")]
     assert len(epochs) <= 4 + 2 < 12
