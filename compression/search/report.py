@@ -18,6 +18,15 @@ def write_reports(report: SearchReport, folder: Path) -> None:
     pareto_plot(report, folder / PARETO_PNG)
 
 
+def _table(headers: list[str], rows: list[list[str]]) -> list[str]:
+    """A markdown table's lines."""
+    return [
+        "| " + " | ".join(headers) + " |",
+        "|" + "|".join("---" for _ in headers) + "|",
+        *("| " + " | ".join(row) + " |" for row in rows),
+    ]
+
+
 def _fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
@@ -164,9 +173,7 @@ def frontier_lines(report: SearchReport) -> list[str]:
             "",
             f"### {chain}",
             "",
-            "| " + " | ".join(headers) + " |",
-            "|" + "|".join("---" for _ in headers) + "|",
-            *("| " + " | ".join(row) + " |" for row in frontier_rows(report, points)),
+            *_table(headers, frontier_rows(report, points)),
             "",
             verdict,
         ]
@@ -188,9 +195,7 @@ def markdown(report: SearchReport) -> str:
         "",
         f"**Chosen: {report.chosen}** ({report.reason}).",
         "",
-        "| " + " | ".join(HEADERS) + " |",
-        "|" + "|".join("---" for _ in HEADERS) + "|",
-        *("| " + " | ".join(row) + " |" for row in summary_rows(report)),
+        *_table(HEADERS, summary_rows(report)),
         "",
         f"Search took {report.search_seconds:.0f} s. Drops are in percentage points with a 95% CI in "
         "report.json (paired per image). Storage techniques (magnitude pruning, clustering, clipping) shrink "
@@ -208,9 +213,7 @@ def markdown(report: SearchReport) -> str:
             f"{selection['split_seed']}). Drops as `point (<= upper bound) on images`; the worst class is judged "
             f"among classes with at least {selection['min_class_images']} validation images.",
             "",
-            "| " + " | ".join(EVIDENCE_HEADERS) + " |",
-            "|" + "|".join("---" for _ in EVIDENCE_HEADERS) + "|",
-            *("| " + " | ".join(row) + " |" for row in evidence_rows(report)),
+            *_table(EVIDENCE_HEADERS, evidence_rows(report)),
         ]
         if selection.get("images_needed"):
             lines += [

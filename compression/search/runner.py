@@ -542,12 +542,7 @@ class _Judge:
         )
         worst = None
         if part_labels is not None:
-            judged = [
-                (label, drop)
-                for label, (count, drop) in class_drops(predictions[part], reference[part], part_labels).items()
-                if count >= MIN_CLASS_IMAGES
-            ]
-            worst = max(judged, key=lambda item: item[1]) if judged else None
+            worst = _worst_class(class_drops(predictions[part], reference[part], part_labels))
         measured = Measured(
             name,
             0.0,
@@ -683,8 +678,13 @@ def _judge_fidelity(
     if labels is not None:
         per_class = class_drops(predictions, reference, labels)
         report.class_top1_drop = {label: drop for label, (_, drop) in per_class.items()}
-        judged = [(label, drop) for label, (count, drop) in per_class.items() if count >= MIN_CLASS_IMAGES]
-        report.worst_class_drop = max(judged, key=lambda item: item[1]) if judged else None
+        report.worst_class_drop = _worst_class(per_class)
+
+
+def _worst_class(per_class: dict[str, tuple[int, float]]) -> tuple[str, float] | None:
+    """The (class, drop) with the largest drop among classes with at least ``MIN_CLASS_IMAGES`` images."""
+    judged = [(label, drop) for label, (count, drop) in per_class.items() if count >= MIN_CLASS_IMAGES]
+    return max(judged, key=lambda item: item[1]) if judged else None
 
 
 def _build(
