@@ -4,12 +4,14 @@
     .venv/bin/python -m benchmarks.compression --models resnet18 --iterations 30 --out build/benchmarks/compression
     .venv/bin/python -m benchmarks.compression --device cuda        # the GPU variant: benchmarks/compression_gpu.py
     .venv/bin/python -m benchmarks.compression --models --dataset hard-digits   # fidelity only, on hard digits
+    .venv/bin/python -m benchmarks.compression --models --dataset hard-digits --architecture mobilenet_v3_small
 
 Part 2 (fidelity, run first): a torchvision resnet18 trained on the digits images (32x32, cached) goes
 through the real ``run_search`` (default CPU candidates, top-1 drop <= 1 point on "val", objective
 fastest); every variant is then scored on the disjoint "test" split. ``--dataset hard-digits`` does this on
 the hard digits of ``benchmarks.hard_digits`` (fp32 top-1 ~84%, 2,000 "val" and 1,000 "test" images)
-instead, where compression has accuracy to lose. Part 1 (latency): each model with
+instead, where compression has accuracy to lose; ``--architecture mobilenet_v3_small`` trains and searches
+that torchvision model in resnet18's place (``compression_fidelity.ARCHITECTURES``). Part 1 (latency): each model with
 random weights at 3x224x224, every variant built with the project's code (artifacts cached under
 ``--out/cache``), timed interleaved at batch 1 and 8. The "chosen chain" row of each latency table is
 what the search's ``choose`` picks from part 2's accuracies and that table's batch-1 latencies.
@@ -32,7 +34,16 @@ import torch
 
 from benchmarks.common import table
 from benchmarks.compression_common import chosen_row, fidelity_table, format_ms, print_progress, selected, write_results
-from benchmarks.compression_fidelity import RECIPES, FidelityResult, cached_fidelity, run_fidelity, split_sizes
+from benchmarks.compression_fidelity import (
+    ARCHITECTURES,
+    RECIPES,
+    FidelityResult,
+    architecture_of,
+    cached_fidelity,
+    recipe_for,
+    run_fidelity,
+    split_sizes,
+)
 from benchmarks.compression_latency import MAX_BATCH, REFERENCE, Row, run_latency, variants
 from compression.models.names import ORIGINAL
 
@@ -129,7 +140,8 @@ def summary(latency: dict[str, list[Row]], chosen: dict[str, str | None], fid: F
             ok = drop is not None and drop <= 1.0
             verdicts.append(ok)
             parts.append(
-                f"On the trained resnet18 ({fid.recipe.get('dataset', 'digits')}, {fid.recipe['image_size']} px) "
+                f"On the trained {architecture_of(fid.recipe)} ({fid.recipe.get('dataset', 'digits')}, "
+                f"{fid.recipe['image_size']} px) "
                 f"`{pick}` "
                 f"(chosen for {', '.join(archs)}) loses "
                 + (
@@ -186,6 +198,12 @@ def main(argv: list[str] | None = None) -> None:
         default="digits",
         help="what the fidelity model is trained and searched on (hard-digits: fp32 top-1 ~84%%, not ~99%%)",
     )
+    parser.add_argument(
+        "--architecture",
+        choices=ARCHITECTURES,
+        default="resnet18",
+        help="the torchvision model the fidelity part trains and searches (its own cached weights and results)",
+    )
     parser.add_argument("--iterations", type=int, default=30, help="timed rounds per batch size")
     parser.add_argument("--out", type=Path, default=Path("build/benchmarks/compression"))
     parser.add_argument(
@@ -216,7 +234,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING)
     started = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
-    recipe = RECIPES[args.dataset]
+    recipe = recipe_for(args.dataset, args.architecture)
     fid = (
         cached_fidelity(args.out, recipe)
         if args.skip_fidelity
@@ -254,12 +272,13 @@ def main(argv: list[str] | None = None) -> None:
         ]
     if fid is not None:
         dataset = fid.recipe.get("dataset", "digits")
+        architecture = architecture_of(fid.recipe)
         n_train, n_val, n_test = split_sizes(fid.recipe)
         lines += [
-            f"## Fidelity (torchvision resnet18 trained on {dataset})",
+            f"## Fidelity (torchvision {architecture} trained on {dataset})",
             "",
-            f'resnet18 (num_classes=10) trained on the {n_train:,} "train" {dataset} at {fid.recipe["image_size"]}x'
-            f"{fid.recipe['image_size']} ({fid.recipe['epochs']} epochs"
+            f'{architecture} (num_classes=10) trained on the {n_train:,} "train" {dataset} at '
+            f"{fid.recipe['image_size']}x{fid.recipe['image_size']} ({fid.recipe['epochs']} epochs"
             + (f", {fid.train_seconds:.0f} s" if fid.train_seconds else ", cached")
             + f"): val top-1 "
             f"{fid.val_top1:.1%}, test top-1 {fid.test_top1:.1%}. `run_search` with the default CPU "

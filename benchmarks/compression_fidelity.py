@@ -1,4 +1,4 @@
-"""Fidelity part of ``benchmarks.compression``: a trained torchvision resnet18 and the real search on it.
+"""Fidelity part of ``benchmarks.compression``: a trained torchvision model and the real search on it.
 
 Top-1 agreement of random-weight nets on random inputs says nothing, so a torchvision resnet18
 (``num_classes=10``, unchanged otherwise) is trained on the digits "train" split (4,000 MNIST images,
@@ -9,6 +9,10 @@ runs with the default CPU candidates, a 1-point top-1 budget and objective "fast
 ``Recipe(dataset="hard-digits")`` (``HARD_DIGITS``) trains the same resnet18 on the hard digits of
 ``benchmarks.hard_digits`` instead (2,000 "train", 2,000 "val", 1,000 "test" 32x32 RGB images), on which
 fp32 top-1 is well below 95%, so a compressed variant has accuracy to lose.
+
+``Recipe.architecture`` picks another torchvision classifier of ``ARCHITECTURES`` in resnet18's place
+(e.g. ``dataclasses.replace(HARD_DIGITS, architecture="mobilenet_v3_small")``, a depthwise network),
+trained the same way; its weights and search results are cached under their own key and file name.
 """
 
 from __future__ import annotations
@@ -46,7 +50,9 @@ CALIBRATION_IMAGES = 2000
 """First images of "train" given to the search as calibration (int8 ranges, KD recovery, students)."""
 RESULTS = "benchmark.json"
 DATASETS = ("digits", "hard-digits")
-_LATER_FIELDS: dict[str, Any] = {"dataset": "digits", "redraw": False}
+ARCHITECTURES = ("resnet18", "mobilenet_v3_small")
+"""torchvision classifiers a recipe can train (``torchvision.models.<name>(weights=None, num_classes=10)``)."""
+_LATER_FIELDS: dict[str, Any] = {"dataset": "digits", "redraw": False, "architecture": "resnet18"}
 """Recipe fields added after the first cached models, with their defaults."""
 
 
@@ -64,8 +70,12 @@ class Recipe:
     """``digits``: 4,000/500/500 MNIST images, gray. ``hard-digits``: 2,000/2,000/1,000, see hard_digits.py."""
     redraw: bool = False
     """hard-digits only: every epoch after the first trains on a new random draw of the training digits."""
+    architecture: str = "resnet18"
+    """The torchvision model trained, one of ``ARCHITECTURES``."""
 
     def __post_init__(self) -> None:
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(f"architecture must be one of {', '.join(ARCHITECTURES)}, not {self.architecture!r}")
         if self.dataset not in DATASETS:
             raise ValueError(f"dataset must be one of {', '.join(DATASETS)}, not {self.dataset!r}")
         if self.redraw and self.dataset != "hard-digits":
@@ -89,6 +99,16 @@ RECIPES = {"digits": Recipe(), "hard-digits": HARD_DIGITS}
 """The recipe ``benchmarks.compression --dataset NAME`` trains and searches on."""
 SPLIT_SIZES = {"digits": (4000, 500, 500), "hard-digits": (2000, 2000, 1000)}
 """Images in "train", "val" and "test" of each dataset (for the reports' text)."""
+
+
+def recipe_for(dataset: str, architecture: str = "resnet18") -> Recipe:
+    """``RECIPES[dataset]`` training ``architecture`` (``benchmarks.compression --dataset --architecture``)."""
+    return dataclasses.replace(RECIPES[dataset], architecture=architecture)
+
+
+def architecture_of(recipe: dict[str, Any]) -> str:
+    """The architecture of a result's recipe (results cached before architectures existed are resnet18)."""
+    return str(recipe.get("architecture", "resnet18"))
 
 
 def split_sizes(recipe: dict[str, Any]) -> tuple[int, int, int]:
@@ -151,6 +171,12 @@ def top1(model: nn.Module, x: torch.Tensor, y: np.ndarray) -> float:
     return float((predict_top1(model.eval(), x, 250) == y).mean())
 
 
+def build_model(recipe: Recipe) -> nn.Module:
+    """The recipe's torchvision architecture, untrained, with 10 classes."""
+    model: nn.Module = getattr(torchvision.models, recipe.architecture)(weights=None, num_classes=10)
+    return model
+
+
 def train(recipe: Recipe, progress: Callable[[str], None]) -> nn.Module:
     splits = dataset_splits(recipe)
     x, y = splits["train"].images, torch.from_numpy(splits["train"].labels.copy())
@@ -158,7 +184,7 @@ def train(recipe: Recipe, progress: Callable[[str], None]) -> nn.Module:
     with training_threads(), torch.random.fork_rng(devices=[]):
         torch.manual_seed(recipe.seed)
         gen = torch.Generator().manual_seed(recipe.seed)
-        model = torchvision.models.resnet18(weights=None, num_classes=10)
+        model = build_model(recipe)
         steps = math.ceil(len(y) / recipe.batch_size)
         optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.max_lr, weight_decay=recipe.weight_decay)
         scheduler = torch.optim.lr_scheduler.OneCycleLR(
@@ -187,18 +213,18 @@ def train(recipe: Recipe, progress: Callable[[str], None]) -> nn.Module:
 
 def model_path(folder: Path, recipe: Recipe) -> Path:
     """Where ``trained_model`` caches the recipe's weights (a state_dict)."""
-    return folder / f"resnet18-{recipe.dataset}{recipe.image_size}-{recipe.key()}.pt"
+    return folder / f"{recipe.architecture}-{recipe.dataset}{recipe.image_size}-{recipe.key()}.pt"
 
 
 def trained_model(folder: Path, recipe: Recipe, progress: Callable[[str], None]) -> tuple[nn.Module, float | None]:
-    """The trained resnet18 (cached in ``folder``) and its training seconds (None if it came from the cache)."""
+    """The recipe's trained model (cached in ``folder``) and its training seconds (None if it came from the cache)."""
     path = model_path(folder, recipe)
-    model = torchvision.models.resnet18(weights=None, num_classes=10)
     if path.is_file():
+        model = build_model(recipe)
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         progress(f"trained model loaded from {path}")
         return model.eval(), None
-    progress(f"training resnet18 on {recipe.image_size}x{recipe.image_size} {recipe.dataset} into {path}")
+    progress(f"training {recipe.architecture} on {recipe.image_size}x{recipe.image_size} {recipe.dataset} into {path}")
     started = time.perf_counter()
     model = train(recipe, progress)
     seconds = round(time.perf_counter() - started, 1)
@@ -269,7 +295,7 @@ def run_fidelity(
         settings,
         data,
         search_dir,
-        model_name=f"resnet18-{recipe.dataset}",
+        model_name=f"{recipe.architecture}-{recipe.dataset}",
         max_batch_size=MAX_BATCH,
         progress=progress,
         on_candidate_built=predictors.__setitem__,

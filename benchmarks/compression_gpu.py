@@ -4,7 +4,8 @@
     .venv/bin/python -m benchmarks.compression --device cuda --models         # part 2 only (the search)
     .venv/bin/python -m benchmarks.compression --device cuda --models resnet50 --skip-fidelity
 
-Part 2 (fidelity, run first): the trained resnet18-digits of ``compression_fidelity`` goes through the
+Part 2 (fidelity, run first): the trained resnet18-digits of ``compression_fidelity`` (``--dataset`` and
+``--architecture`` pick another) goes through the
 real ``run_search`` on the GPU with the default GPU candidates (top-1 drop <= 1 point and >= 99%
 agreement on "val", objective fastest, latency at batch 64); every variant is then scored on "test".
 Part 1 (throughput): each model with random weights at 3x224x224: the served original (fp32 eager,
@@ -30,9 +31,10 @@ from benchmarks.common import table
 from benchmarks.compression_common import chosen_row, fidelity_table, format_ms, print_progress, selected, write_results
 from benchmarks.compression_fidelity import (
     GPU_BATCH,
-    RECIPES,
     FidelityResult,
+    architecture_of,
     cached_fidelity,
+    recipe_for,
     run_fidelity,
     split_sizes,
 )
@@ -132,8 +134,8 @@ def summary(latency: dict[str, list[Row]], chosen: dict[str, str | None], fid: F
     verdict = "The goal was met." if fast and faithful else "The goal was NOT met."
     return (
         f"{verdict} {GOAL_MODEL}: the chosen chain `{name}` gives {_x(gain)} the fp32 eager throughput at batch "
-        f"{GPU_BATCH} (goal >= {GOAL_SPEEDUP:.0f}x: {'met' if fast else 'NOT met'}); on the trained resnet18-digits it "
-        f"agrees with the original on "
+        f"{GPU_BATCH} (goal >= {GOAL_SPEEDUP:.0f}x: {'met' if fast else 'NOT met'}); on the trained "
+        f"{architecture_of(fid.recipe)}-{fid.recipe.get('dataset', 'digits')} it agrees with the original on "
         + ("an unknown share" if agreement is None else f"{agreement:.1%}")
         + f' of the "test" images (goal >= {GOAL_AGREEMENT:.0%}: {"met" if faithful else "NOT met"}). '
         f"The search on that model itself chose `{fid.report.chosen}` ({fid.report.reason})."
@@ -160,7 +162,7 @@ def run_gpu(args: argparse.Namespace, cli_args: list[str]) -> None:
     models = list(MODELS) if args.models is None else args.models
     args.out.mkdir(parents=True, exist_ok=True)
     target = str(device)
-    recipe = RECIPES[args.dataset]
+    recipe = recipe_for(args.dataset, args.architecture)
     fid = (
         cached_fidelity(args.out, recipe, device=target)
         if args.skip_fidelity
@@ -198,7 +200,8 @@ def run_gpu(args: argparse.Namespace, cli_args: list[str]) -> None:
     if fid is not None:
         _, n_val, n_test = split_sizes(fid.recipe)
         lines += [
-            f"## Fidelity (torchvision resnet18 trained on {fid.recipe.get('dataset', 'digits')}, searched on the GPU)",
+            f"## Fidelity (torchvision {architecture_of(fid.recipe)} trained on "
+            f"{fid.recipe.get('dataset', 'digits')}, searched on the GPU)",
             "",
             f"`run_search` with the default GPU candidates, top-1 drop <= 1 point and agreement >= 99% on "
             f'"val" ({n_val:,} images), objective fastest, latency at batch {GPU_BATCH} on the GPU '

@@ -12,6 +12,10 @@ benchmark's (``OUT/fidelity/resnet18-hard-digits32-<key>.pt``, the training figu
     .venv/bin/python -m benchmarks.development_model --out build/benchmarks/compression
     .venv/bin/python -m benchmarks.development_model --out build/benchmarks/compression --export build/hard-digits
 
+``--architecture mobilenet_v3_small`` (``compression_fidelity.ARCHITECTURES``) trains and caches that
+torchvision model with the same recipe instead (``OUT/fidelity/mobilenet_v3_small-hard-digits32-<key>.pt``);
+its export's ``deploy.yaml`` names that architecture.
+
 From code: ``development_model(out, progress).eval_data()`` is what ``run_search`` takes.
 
 ``--export DIR`` writes ``model.pt`` (the state_dict), ``data.pt`` and ``test.pt`` (the project's
@@ -56,7 +60,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from benchmarks.compression_fidelity import HARD_DIGITS, Recipe, dataset_splits, model_path, top1, trained_model
+from benchmarks.compression_fidelity import (
+    ARCHITECTURES,
+    HARD_DIGITS,
+    Recipe,
+    dataset_splits,
+    model_path,
+    top1,
+    trained_model,
+)
 from benchmarks.hard_digits import MEAN, STD
 from compression.models.settings import PreprocessingSettings
 from compression.search.data import EvalData, load_eval_data
@@ -74,7 +86,8 @@ models:
       budget: {max_accuracy_drop: 1.0, objective: fastest}
       data: {source: tensor_file, path: data.pt, calibration_size: 2000, validation_size: 2000, seed: 0}
 """
-"""What ``--export`` writes as ``deploy.yaml`` (the module docstring shows it; a unit test keeps them equal)."""
+"""What ``--export`` writes as ``deploy.yaml`` for resnet18 (the module docstring shows it; a unit test keeps
+them equal); ``deploy_yaml`` names another architecture in it."""
 DATA_SEED = 0
 CALIBRATION_SIZE = VALIDATION_SIZE = 2000
 
@@ -82,7 +95,7 @@ CALIBRATION_SIZE = VALIDATION_SIZE = 2000
 @dataclass(frozen=True)
 class DevelopmentModel:
     model: nn.Module
-    """The trained resnet18, eval mode, on the CPU."""
+    """The trained model (``recipe.architecture``, resnet18 by default), eval mode, on the CPU."""
     calibration: torch.Tensor
     """float32 (2000, 3, 32, 32): the "train" images, preprocessed exactly as in training."""
     calibration_labels: np.ndarray
@@ -143,6 +156,14 @@ def development_model(
     )
 
 
+def deploy_yaml(architecture: str) -> str:
+    """``DEPLOY_YAML`` with ``architecture`` as the torchvision source's architecture."""
+    old = "architecture: resnet18,"
+    if DEPLOY_YAML.count(old) != 1:
+        raise RuntimeError("DEPLOY_YAML no longer names exactly one resnet18 architecture")
+    return DEPLOY_YAML.replace(old, f"architecture: {architecture},")
+
+
 def _data_settings(path: Path) -> DataSettings:
     return DataSettings(
         source="tensor_file",
@@ -180,7 +201,7 @@ def export(dev: DevelopmentModel, folder: Path) -> None:
     torch.save({"images": images, "labels": labels}, folder / "data.pt")
     torch.save({"images": dev.test, "labels": torch.from_numpy(dev.test_labels)}, folder / "test.pt")
     torch.save(dev.model.state_dict(), folder / "model.pt")
-    (folder / "deploy.yaml").write_text(DEPLOY_YAML)
+    (folder / "deploy.yaml").write_text(deploy_yaml(dev.recipe.architecture))
 
     check = _search_cut(folder / "data.pt")
     _require(torch.equal(check.validation, dev.validation), "data.pt: the search would not validate on val")
@@ -200,9 +221,16 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--out", type=Path, default=Path("build/benchmarks/compression"))
     parser.add_argument("--export", type=Path, help="write model.pt, data.pt, test.pt and deploy.yaml here")
+    parser.add_argument(
+        "--architecture",
+        choices=ARCHITECTURES,
+        default=HARD_DIGITS.architecture,
+        help="the torchvision model trained with the HARD_DIGITS recipe",
+    )
     args = parser.parse_args(argv)
     started = time.perf_counter()
-    dev = development_model(args.out, lambda message: print(message, flush=True))
+    recipe = dataclasses.replace(HARD_DIGITS, architecture=args.architecture)
+    dev = development_model(args.out, lambda message: print(message, flush=True), recipe)
     with torch.no_grad():
         val_top1, test_top1 = (
             top1(dev.model, dev.validation, dev.validation_labels),

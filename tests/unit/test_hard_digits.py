@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import textwrap
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 
 from benchmarks import development_model, hard_digits
-from benchmarks.compression_fidelity import HARD_DIGITS, Recipe
+from benchmarks.compression_fidelity import HARD_DIGITS, Recipe, model_path
 from compression.models.digits.data import load_splits
 
 
@@ -63,6 +64,18 @@ def test_the_digits_recipe_keeps_its_cache_key() -> None:
         Recipe(redraw=True)
 
 
+def test_another_architecture_gets_its_own_key_and_file_and_resnet18_keeps_its_own() -> None:
+    # NOTE: the architecture field came after the first cached models: resnet18 keeps their keys and files.
+    assert Recipe(architecture="resnet18").key() == Recipe().key() == "034bc8e84b"
+    assert model_path(Path("f"), Recipe()) == Path("f/resnet18-digits32-034bc8e84b.pt")
+    assert model_path(Path("f"), HARD_DIGITS) == Path(f"f/resnet18-hard-digits32-{HARD_DIGITS.key()}.pt")
+    mobilenet = dataclasses.replace(HARD_DIGITS, architecture="mobilenet_v3_small")
+    assert mobilenet.key() != HARD_DIGITS.key()
+    assert model_path(Path("f"), mobilenet) == Path(f"f/mobilenet_v3_small-hard-digits32-{mobilenet.key()}.pt")
+    with pytest.raises(ValueError, match="architecture must be one of"):
+        Recipe(architecture="vgg11")
+
+
 def test_the_exported_deploy_config_is_the_documented_one_and_valid(tmp_path: Path) -> None:
     from server.config.settings import load_config
 
@@ -71,3 +84,6 @@ def test_the_exported_deploy_config_is_the_documented_one_and_valid(tmp_path: Pa
     model = load_config(tmp_path / "deploy.yaml").models[0]
     assert model.compression is not None and model.compression.data.source == "tensor_file"
     assert model.compression.data.validation_size == development_model.VALIDATION_SIZE
+    (tmp_path / "deploy.yaml").write_text(development_model.deploy_yaml("mobilenet_v3_small"))
+    source = load_config(tmp_path / "deploy.yaml").models[0].source
+    assert getattr(source, "architecture", None) == "mobilenet_v3_small"
