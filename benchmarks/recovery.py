@@ -56,6 +56,8 @@ PARTS: dict[str, dict[str, Any]] = {
     "mixup": {"mixup": 0.3},
     "cutmix": {"cutmix": 1.0},
     "early-stop": {"patience": 3, "restore_best": True},
+    "lr-3e-4": {"lr": 3e-4},
+    "lr-1e-4": {"lr": 1e-4},
     "fill-budget": {"epochs": FILL_EPOCHS},
 }
 """Each part of recovery as the distillation fields that turn it on, over ``PLAIN``."""
