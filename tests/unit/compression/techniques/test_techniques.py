@@ -397,6 +397,24 @@ def test_channel_prune_global_and_round_to() -> None:
     assert count_params(pruned) < count_params(model)
 
 
+def test_round_to_rounds_the_channels_kept_to_the_nearest_multiple_and_spares_narrow_layers() -> None:
+    """Rounding down (torch-pruning's own rule) made a 16-channel layer asked to lose 10% lose half."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.Conv2d(16, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(),
+        nn.Conv2d(64, 6, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+    ).eval()  # fmt: skip
+    widths = {
+        ratio: [m.out_channels for m in apply(model, config, _ctx(model)).modules() if isinstance(m, nn.Conv2d)]
+        for ratio, config in (
+            (ratio, ChannelPruneConfig(ratio=ratio, round_to=8, distillation=NO_PRUNE_KD)) for ratio in (0.1, 0.3)
+        )
+    }
+    assert widths[0.1] == [16, 56, 6]  # 16 * 0.9 = 14.4 -> 16 (not 8); 64 * 0.9 = 57.6 -> 56
+    assert widths[0.3] == [8, 48, 6]  # 16 * 0.7 = 11.2 -> 8; 64 * 0.7 = 44.8 -> 48 (not 40); the classifier kept
+
+
 @pytest.fixture(scope="module")
 def trained_tiny() -> TinyNet:
     """TinyNet distilled from PooledLinear: a teacher with real margins, unlike random weights."""
