@@ -38,7 +38,7 @@ IMAGE_SHAPE = (3, 224, 224)
 MAX_BATCH = 8
 CALIBRATION_IMAGES = 32
 # NOTE: bump when the way the random model or a variant is made changes: it names the cache folder.
-CACHE_VERSION = "v1"
+CACHE_VERSION = "v2"
 _SIDECAR = "benchmark.json"
 # NOTE: the techniques that train (a ``distillation`` block): epochs zeroed here (speed does not depend on them).
 _TRAINING = {"channel_prune", "magnitude_prune", "student"}

@@ -69,9 +69,9 @@ def accelerator_class(device: str) -> str | None:
 
 SEARCH_REVISION = 3
 """Bumped when the search itself changes what it would choose for the same inputs (2: honest selection, the
-pruning-ratio search and the new default candidates; 3: pruned channels rounded to the nearest multiple of 8 on CPUs too,
-channel_prune's KD 1e-3 for up to 30 epochs), so results chosen by an older search are searched again rather than
-served from the cache."""
+pruning-ratio search and the new default candidates; 3: pruned channels rounded to the nearest multiple of 8
+on CPUs too, channel_prune's KD 1e-3 for up to 30 epochs), so results chosen by an older search are searched
+again rather than served from the cache."""
 
 
 def cache_key(
