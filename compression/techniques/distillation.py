@@ -77,6 +77,11 @@ class DistillSettings:
     restore_best: bool = False
     """End with the weights of the epoch with the highest holdout agreement (ties: the lower holdout
     loss), not those of the last epoch."""
+    keep_if_worse: bool = False
+    """Undo the training when it made the student agree *less* with the teacher on the holdout than before
+    it (the student keeps the weights it came with; pruning's recovery turns this on: a lightly pruned model
+    can already be closer to the original than fine-tuning leaves it, e.g. mobilenet_v3_small at ratio 0.1:
+    99.8% agreement before, 93.0% after)."""
 
     def __post_init__(self) -> None:
         check_int("epochs", self.epochs, 0)
@@ -86,7 +91,7 @@ class DistillSettings:
         check_float("lr", self.lr, 0.0, low_open=True)
         check_int("batch_size", self.batch_size, 2)  # NOTE: BatchNorm cannot train on one sample
         check_float("weight_decay", self.weight_decay, 0.0)
-        for name in ("augment", "flip", "restore_best"):
+        for name in ("augment", "flip", "restore_best", "keep_if_worse"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         check_float("max_shift", self.max_shift, 0.0, 0.5, high_open=True)
@@ -196,14 +201,42 @@ def distill(
             hold_t = logits_of(teacher, hold_x, device)
             # NOTE: without augmentation the teacher's targets never change: compute them once.
             train_t = None if aug.active else logits_of(teacher, train_x, device)
+            start = None
+            if settings.keep_if_worse:
+                start = _holdout_score(student, hold_x, hold_t, settings)[0], _state_copy(student)
             best = _Best(keep_state=settings.restore_best)
             _train(student, teacher, train_x, train_t, hold_x, hold_t, settings, ctx, gen, started, before_step, best)
             best.restore(student, ctx)
+            if start is not None:
+                _undo_if_worse(student, start, hold_x, hold_t, settings, ctx)
         finally:
             teacher.train(teacher_was_training)
     student.zero_grad(set_to_none=True)
     student.eval()
     return student.to(home)
+
+
+def _state_copy(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _undo_if_worse(
+    student: nn.Module,
+    start: tuple[float, dict[str, torch.Tensor]],
+    hold_x: torch.Tensor,
+    hold_t: torch.Tensor,
+    settings: DistillSettings,
+    ctx: CompressionContext,
+) -> None:
+    """``keep_if_worse``: back to the starting weights when training lowered the holdout agreement."""
+    before, state = start
+    after = _holdout_score(student, hold_x, hold_t, settings)[0]
+    if after < before:
+        student.load_state_dict(state)
+        ctx.progress(
+            f"distill kept the weights it started from: holdout agreement {before:.2%} before training, "
+            f"{after:.2%} after"
+        )
 
 
 @dataclass
@@ -232,7 +265,7 @@ class _Best:
         if (agreement, -loss) >= (self.agreement, -self.loss):  # NOTE: a full tie goes to the later epoch
             self.epoch, self.agreement, self.loss = epoch, agreement, loss
             if self.keep_state:
-                self.state = {k: v.detach().clone() for k, v in student.state_dict().items()}
+                self.state = _state_copy(student)
 
     def restore(self, student: nn.Module, ctx: CompressionContext) -> None:
         """Load the best epoch's weights into ``student`` unless they are the last epoch's already."""

@@ -49,7 +49,7 @@ IMPORTANCES: dict[str, _Importance] = {
     "random": _Importance(lambda p: tp.importance.RandomImportance()),
 }
 
-CHANNEL_PRUNE_DISTILLATION = DistillSettings(epochs=30, time_budget_s=120.0, lr=1e-3)
+CHANNEL_PRUNE_DISTILLATION = DistillSettings(epochs=30, time_budget_s=120.0, lr=1e-3, keep_if_worse=True)
 """The recovery fine-tuning a ``channel_prune`` step runs unless its ``distillation`` block says otherwise."""
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -207,7 +208,7 @@ def test_each_training_technique_keeps_its_own_defaults() -> None:
     """The defaults the flat fields had, now as each technique's distillation block (channel_prune's since
     measured again: 30 epochs at lr 1e-3 instead of 10 at 2e-3, docs/compression.md)."""
     assert ChannelPruneConfig().distillation == DistillSettings(
-        epochs=30, time_budget_s=120.0, temperature=4.0, alpha=0.9, lr=1e-3
+        epochs=30, time_budget_s=120.0, temperature=4.0, alpha=0.9, lr=1e-3, keep_if_worse=True
     )
     assert MagnitudePruneConfig().distillation == DistillSettings(
         epochs=0, time_budget_s=60.0, temperature=4.0, alpha=0.9, lr=1e-3
@@ -584,6 +585,23 @@ def test_distill_reports_one_line_per_epoch_and_improves_agreement() -> None:
     assert len(epochs) == 12 and all("agreement=" in line and "elapsed=" in line for line in epochs)
     assert t.argmax(1).unique().numel() >= 3  # the task is not trivial
     assert agreement(student, x, t) > max(before + 0.2, 0.6)
+
+
+@pytest.mark.parametrize("keep_if_worse", [True, False])
+def test_keep_if_worse_undoes_training_that_lowered_agreement(keep_if_worse: bool) -> None:
+    torch.manual_seed(0)
+    teacher = PooledLinear().eval()
+    lines: list[str] = []
+    ctx = _ctx(teacher, n=256, lines=lines)
+    student = copy.deepcopy(teacher)  # agrees on every image before training; lr 1.0 wrecks it
+    x = ctx.calibration_inputs
+    t = logits_of(teacher, x, torch.device("cpu"))
+    settings = DistillSettings(epochs=2, lr=1.0, batch_size=32, keep_if_worse=keep_if_worse)
+    distill(student, teacher, x, settings, ctx)
+    same = all(torch.equal(a, b) for a, b in zip(student.state_dict().values(), teacher.state_dict().values()))
+    assert same is keep_if_worse
+    assert (agreement(student, x, t) == 1.0) is keep_if_worse
+    assert any(line.startswith("distill kept the weights it started from") for line in lines) is keep_if_worse
 
 
 @pytest.mark.parametrize(("in_ch", "size", "classes"), [(1, 28, 10), (3, 7, 2), (4, 64, 100)])
