@@ -31,7 +31,7 @@ BN_FOLD: dict[str, Any] = {"technique": "bn_fold"}
 PRUNE: dict[str, Any] = {"technique": "channel_prune", "sensitivity_scan": True, "round_to": 8}
 """Channel counts kept at multiples of 8: ONNX Runtime's fp32 convolutions on AVX2 work on blocks of 8
 channels (NCHWc) and tensor cores on tiles of 8. Measured on resnet18 at 32x32, ratio 0.2, ONNX Runtime
-fp32: 2.76 ms unrounded (slower than the unpruned 2.37 ms) against 1.61 ms rounded to 8 (docs/benchmarks.md)."""
+fp32: 2.78 ms unrounded (slower than the unpruned 2.21 ms) against 1.46 ms rounded to 8 (docs/benchmarks.md)."""
 SEARCH_RATIO: dict[str, Any] = {}
 """A ratio search with its defaults: 0.1 to 0.8, at most 4 ratios built, each realized like the fastest
 unpruned candidate within the accuracy budget."""
