@@ -66,6 +66,7 @@ from benchmarks.compression_fidelity import (
     Recipe,
     dataset_splits,
     model_path,
+    recipe_for,
     top1,
     trained_model,
 )
@@ -229,7 +230,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     started = time.perf_counter()
-    recipe = dataclasses.replace(HARD_DIGITS, architecture=args.architecture)
+    recipe = recipe_for("hard-digits", args.architecture)
     dev = development_model(args.out, lambda message: print(message, flush=True), recipe)
     with torch.no_grad():
         val_top1, test_top1 = (

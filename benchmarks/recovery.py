@@ -8,7 +8,7 @@ Every row prunes the same model at ``--ratio`` through the registry (``channel_p
 ``distillation`` block, on a ``CompressionContext`` holding the calibration images), so the rows share
 the pruning and differ only in recovery, all under the same ``time_budget_s``. ``plain`` is KD with
 ``channel_prune``'s own learning rate and epochs and every new part off; each ``+part`` row adds one part
-to it; ``all`` has them all; ``default`` (on request) is the block a search runs today. Scored on the validation
+to it (``+lr-3e-4``, ``+lr-1e-4``: another learning rate); ``all`` has every part but those; ``default`` (on request) is the block a search runs today. Scored on the validation
 images: agreement with the original's top-1, and the top-1 drop with its paired 95% interval.
 
 Models (``--model``): ``resnet18`` (default), the digits-trained torchvision resnet18 of
@@ -56,12 +56,12 @@ PARTS: dict[str, dict[str, Any]] = {
     "mixup": {"mixup": 0.3},
     "cutmix": {"cutmix": 1.0},
     "early-stop": {"patience": 3, "restore_best": True},
-    "lr-3e-4": {"lr": 3e-4},
-    "lr-1e-4": {"lr": 1e-4},
     "fill-budget": {"epochs": FILL_EPOCHS},
 }
 """Each part of recovery as the distillation fields that turn it on, over ``PLAIN``."""
-ROWS = ("none", "plain", *(f"+{part}" for part in PARTS), "all")
+LEARNING_RATES: dict[str, dict[str, Any]] = {"lr-3e-4": {"lr": 3e-4}, "lr-1e-4": {"lr": 1e-4}}
+"""Alternatives to ``channel_prune``'s own learning rate, each its own row (not parts of ``all``)."""
+ROWS = ("none", "plain", *(f"+{part}" for part in {**PARTS, **LEARNING_RATES}), "all")
 """The rows run unless ``--rows`` names others; ``default`` (the block a search runs today) is on request."""
 
 
@@ -83,7 +83,7 @@ def distillation_block(row: str, budget_s: float) -> dict[str, Any] | None:
         for part in PARTS.values():
             block.update(part)
     elif row != "plain":
-        block.update(PARTS[row.removeprefix("+")])
+        block.update({**PARTS, **LEARNING_RATES}[row.removeprefix("+")])
     return block
 
 
