@@ -8,8 +8,9 @@ Every row prunes the same model at ``--ratio`` through the registry (``channel_p
 ``distillation`` block, on a ``CompressionContext`` holding the calibration images), so the rows share
 the pruning and differ only in recovery, all under the same ``time_budget_s``. ``plain`` is KD with
 ``channel_prune``'s own learning rate and epochs and every new part off; each ``+part`` row adds one part
-to it (``+lr-3e-4``, ``+lr-1e-4``: another learning rate); ``all`` has every part but those; ``default`` (on request) is the block a search runs today. Scored on the validation
-images: agreement with the original's top-1, and the top-1 drop with its paired 95% interval.
+to it (``+lr-3e-4``, ``+lr-1e-4``: another learning rate); ``all`` has every part but those; ``default``
+(on request) is the block a search runs today. Scored on the validation images: agreement with the
+original's top-1, and the top-1 drop with its paired 95% interval.
 
 Models (``--model``): ``resnet18`` (default), the digits-trained torchvision resnet18 of
 ``benchmarks.compression_fidelity``, loaded from its cache (run ``python -m benchmarks.compression`` first;
