@@ -1,12 +1,13 @@
 """Knowledge distillation (Hinton et al. 2015): the training loop shared by pruning recovery and students.
 
 The loss is ``alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE(student, argmax teacher)``,
-so unlabeled images suffice: the teacher provides both the soft and the hard targets. Training is
-bounded by ``epochs`` and ``time_budget_s`` (whichever comes first) and the learning rate follows
-a cosine decay over whichever of the two bounds is closer, so a run cut short by time still ends at
-a small learning rate. The clock enters the schedule only once the steps planned would not fit in the
-budget: a run that fits depends on its seed alone, not on how busy the machine was. To train for the
-whole budget, set ``epochs`` above what fits: the budget then binds and the rate anneals over it.
+so unlabeled images suffice: the teacher provides both the soft and the hard targets (``loss="mse"``
+matches the teacher's logits instead). Training is bounded by ``epochs`` and ``time_budget_s``
+(whichever comes first) and the learning rate follows a cosine decay over whichever of the two bounds
+is closer, so a run cut short by time still ends at a small learning rate. The clock enters the
+schedule only once the steps planned would not fit in the budget: a run that fits depends on its seed
+alone, not on how busy the machine was. To train for the whole budget, set ``epochs`` above what fits:
+the budget then binds and the rate anneals over it.
 
 With augmentation (shifts, flips, mixup, CutMix: ``kd_augment.py``) the teacher labels each batch as the
 student sees it. After every epoch the student is scored on a holdout of the inputs (agreement with the
@@ -30,6 +31,7 @@ from compression.errors import check_float, check_int
 from compression.techniques.kd_augment import Augmentation, augment
 
 _EVAL_BATCH = 256
+LOSSES = ("kl", "mse")
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,15 @@ class DistillSettings:
     restore_best: bool = False
     """End with the weights of the epoch with the highest holdout agreement (ties: the lower holdout
     loss), not those of the last epoch."""
+    loss: str = "kl"
+    """``"kl"``: Hinton's loss (``temperature``, ``alpha``); ``"mse"``: mean squared error between the logits
+    (Kim et al. 2021: matches the teacher's logits exactly rather than its softened probabilities; the two
+    fields above are then unused)."""
+    freeze_batchnorm: bool = False
+    """BatchNorm layers stay in eval mode while the rest trains: they normalize with, and keep, their
+    running statistics instead of each batch's. For a student that starts from the teacher's weights
+    (pruning's recovery), whose statistics are already right or nearly so; batch statistics of small
+    batches add noise the teacher never had."""
     keep_if_worse: bool = False
     """Undo the training when it made the student agree *less* with the teacher on the holdout than before
     it (the student keeps the weights it came with; pruning's recovery turns this on: a lightly pruned model
@@ -91,7 +102,9 @@ class DistillSettings:
         check_float("lr", self.lr, 0.0, low_open=True)
         check_int("batch_size", self.batch_size, 2)  # NOTE: BatchNorm cannot train on one sample
         check_float("weight_decay", self.weight_decay, 0.0)
-        for name in ("augment", "flip", "restore_best", "keep_if_worse"):
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
+        for name in ("augment", "flip", "restore_best", "keep_if_worse", "freeze_batchnorm"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         check_float("max_shift", self.max_shift, 0.0, 0.5, high_open=True)
@@ -138,6 +151,21 @@ def kd_loss(
     ) * (t * t)
     hard = F.cross_entropy(student_logits, teacher_logits.argmax(dim=1))
     return alpha * soft + (1.0 - alpha) * hard
+
+
+def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, settings: DistillSettings) -> torch.Tensor:
+    """The loss ``settings.loss`` names."""
+    if settings.loss == "mse":
+        return F.mse_loss(student_logits, teacher_logits)
+    return kd_loss(student_logits, teacher_logits, settings.temperature, settings.alpha)
+
+
+def _train_mode(student: nn.Module, settings: DistillSettings) -> None:
+    student.train()
+    if settings.freeze_batchnorm:
+        for module in student.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
 
 
 @torch.no_grad()
@@ -289,7 +317,7 @@ def _holdout_score(
     finally:
         student.train(was_training)
     agree = float((logits.argmax(dim=1) == hold_t.argmax(dim=1)).float().mean())
-    return agree, float(kd_loss(logits, hold_t, settings.temperature, settings.alpha))
+    return agree, float(distill_loss(logits, hold_t, settings))
 
 
 def _train(
@@ -314,7 +342,7 @@ def _train(
     total_steps = max(1, settings.epochs * steps_per_epoch)
     step = 0
     for epoch in range(1, settings.epochs + 1):
-        student.train()
+        _train_mode(student, settings)
         perm = torch.randperm(n, generator=gen)
         loss_sum, seen, out_of_time = 0.0, 0, False
         for start in range(0, n, settings.batch_size):
@@ -338,7 +366,7 @@ def _train(
                 t = logits_of(teacher, x, x.device)
             else:
                 t = train_t[idx.to(train_t.device)]
-            loss = kd_loss(student(x), t, settings.temperature, settings.alpha)
+            loss = distill_loss(student(x), t, settings)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if before_step is not None:

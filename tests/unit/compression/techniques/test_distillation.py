@@ -92,6 +92,8 @@ def test_new_fields_default_to_what_old_configs_meant() -> None:
         ({"cutmix": "1"}, "cutmix must be a number"),
         ({"patience": -1}, r"patience must be an integer in >= 0"),
         ({"patience": 1.5}, "patience must be an integer"),
+        ({"loss": "l1"}, "loss must be one of kl, mse, got 'l1'"),
+        ({"freeze_batchnorm": 1}, "freeze_batchnorm must be a bool"),
     ],
 )
 def test_bad_values_raise_with_the_field_named(changes: dict[str, object], message: str) -> None:
@@ -240,3 +242,47 @@ def test_every_part_on_is_deterministic_for_a_seed() -> None:
     first, again, other = run(0), run(0), run(1)
     assert all(torch.equal(first[k], again[k]) for k in first)
     assert not all(torch.equal(first[k], other[k]) for k in first)
+
+
+# -- loss and BatchNorm ----------------------------------------------------------------------------
+
+
+def test_frozen_batchnorm_keeps_its_statistics_while_the_rest_trains() -> None:
+    teacher, student = _models()
+    bn = student.body[1]
+    with torch.no_grad():
+        bn.running_mean.fill_(0.5)
+        bn.running_var.fill_(2.0)
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    ctx = _ctx(teacher, 64, lambda line: None)
+    distill(
+        student, teacher, ctx.calibration_inputs, DistillSettings(epochs=2, batch_size=16, freeze_batchnorm=True), ctx
+    )
+    after = student.state_dict()
+    for key in ("body.1.running_mean", "body.1.running_var", "body.1.num_batches_tracked"):
+        assert torch.equal(after[key], before[key]), key
+    assert not torch.equal(after["body.0.weight"], before["body.0.weight"])
+    assert not torch.equal(after["body.1.weight"], before["body.1.weight"])  # NOTE: its affine weights still train
+
+    teacher, student = _models()
+    distill(student, teacher, ctx.calibration_inputs, DistillSettings(epochs=2, batch_size=16), ctx)
+    assert int(student.state_dict()["body.1.num_batches_tracked"]) > 0
+
+
+def test_the_mse_loss_brings_the_logits_themselves_closer() -> None:
+    """MSE matches logits, not softened probabilities: on the training images the logits' mean squared
+    distance falls further than under the KL loss of the same run length."""
+
+    def distance_after(loss: str) -> float:
+        teacher, student = _models()
+        ctx = _ctx(teacher, 128, lambda line: None)
+        settings = DistillSettings(epochs=15, batch_size=16, lr=1e-2, loss=loss, holdout_fraction=0.1)
+        distill(student, teacher, ctx.calibration_inputs, settings, ctx)
+        x = ctx.calibration_inputs
+        return float(torch.nn.functional.mse_loss(logits_of(student, x, x.device), logits_of(teacher, x, x.device)))
+
+    teacher, student = _models()
+    x = _ctx(teacher, 128, lambda line: None).calibration_inputs
+    untrained = float(torch.nn.functional.mse_loss(logits_of(student, x, x.device), logits_of(teacher, x, x.device)))
+    mse, kl = distance_after("mse"), distance_after("kl")
+    assert mse < kl and mse < untrained / 2, (mse, kl, untrained)
