@@ -3,10 +3,11 @@
 The drop's 95% confidence interval uses the paired per-image difference (both models see the same
 images), which is far tighter than comparing two independent accuracies.
 
-Selection judges a variant by :func:`evidence`: the upper end of the drop's interval at the budget's
-``confidence`` (Agresti and Min's adjusted interval for matched pairs, which, unlike the plain paired
-interval, does not collapse to zero width when no image disagrees), and the lower end of the agreement's
-Wilson interval.
+Selection judges a variant by :func:`evidence`: the drop's one-sided upper confidence bound at the
+budget's ``confidence`` (from Agresti and Min's adjusted interval for matched pairs, which, unlike the
+plain paired interval, does not collapse to zero width when no image disagrees), and the agreement's
+one-sided Wilson lower bound. One-sided, because the budget asks one question: is the drop at most
+``max_accuracy_drop``?
 """
 
 from __future__ import annotations
@@ -75,8 +76,8 @@ def wilson_interval(successes: int, n: int) -> tuple[float, float]:
 
 
 def z_value(confidence: float) -> float:
-    """The normal quantile of a two-sided ``confidence`` interval (0 for 0: the point estimate)."""
-    return NormalDist().inv_cdf((1 + confidence) / 2) if confidence > 0 else 0.0
+    """The normal quantile of a one-sided ``confidence`` bound (1.645 for 0.95; 0 for 0: the point estimate)."""
+    return NormalDist().inv_cdf(confidence) if confidence > 0 else 0.0
 
 
 def wilson_lower(successes: int, n: int, z: float) -> float:

@@ -71,8 +71,8 @@ SEARCH_REVISION = 4
 """Bumped when the search itself changes what it would choose for the same inputs (2: honest selection, the
 pruning-ratio search and the new default candidates; 3: pruned channels rounded to the nearest multiple of 8
 on CPUs too, channel_prune's KD 1e-3 for up to 30 epochs; 4: channel_prune's KD at 3e-4 for up to 100
-epochs with BatchNorm frozen), so results chosen by an older search are searched again rather than served
-from the cache."""
+epochs with BatchNorm frozen, and ``budget.confidence`` a one-sided level), so results chosen by an older
+search are searched again rather than served from the cache."""
 
 
 def cache_key(

@@ -207,8 +207,8 @@ def markdown(report: SearchReport) -> str:
             "",
             "## Accuracy evidence",
             "",
-            f"A lossy variant is within the accuracy budget only when the bound of its {selection['confidence']:.0%} "
-            f"interval is, on the {selection['selection_images']} selection images and then on the "
+            f"A lossy variant is within the accuracy budget only when its one-sided {selection['confidence']:.0%} "
+            f"bound is, on the {selection['selection_images']} selection images and then on the "
             f"{selection['confirmation_images']} confirmation images (a seeded half each, seed "
             f"{selection['split_seed']}). Drops as `point (<= upper bound) on images`; the worst class is judged "
             f"among classes with at least {selection['min_class_images']} validation images.",

@@ -1,8 +1,8 @@
 """Choosing the variant to serve from measured figures and the budget. Pure: no models, no timing.
 
 Honest selection: a lossy variant is within the accuracy budget only when the data show it, i.e. when the
-upper end of its top-1 drop's interval (at ``budget.confidence``) is within ``max_accuracy_drop`` and the
-lower end of its agreement's interval within ``min_agreement``, on the *selection* images. The choice is
+one-sided upper bound of its top-1 drop (at ``budget.confidence``) is within ``max_accuracy_drop`` and the
+lower bound of its agreement within ``min_agreement``, on the *selection* images. The choice is
 then confirmed on the *confirmation* images, which the choice did not use (the winner's curse: the fastest
 of many candidates near the budget's edge is the one whose drop was most likely underestimated); a variant
 that fails confirmation is passed over for the next one in the objective's order. Lossless variants (fp32
@@ -30,10 +30,10 @@ class Evidence:
     top1_drop: float | None
     """Points, positive = worse; None without labels."""
     top1_drop_upper: float | None
-    """Upper end of the drop's two-sided ``confidence`` interval, in points."""
+    """The drop's one-sided upper bound at ``confidence``, in points."""
     agreement: float
     agreement_lower: float
-    """Lower end of the agreement's two-sided ``confidence`` interval (Wilson)."""
+    """The agreement's one-sided lower bound at ``confidence`` (Wilson)."""
     images_needed: int | None = None
     """Images this part would need for the bounds to meet the budget at the observed rates; None: never."""
 

@@ -32,12 +32,20 @@ class BudgetSettings(StrictModel):
     """When no candidate meets the latency budget: serve the fastest one that meets the accuracy budget
     (``best_accuracy``), serve the original, or fail the deploy."""
     confidence: float = Field(0.95, ge=0, lt=1)
-    """Two-sided level of the interval a lossy variant is judged by: it is within ``max_accuracy_drop``
-    only when the upper end of its top-1 drop's interval is, and within ``min_agreement`` only when the
-    lower end of its agreement's interval is (0: the point estimate, the behaviour before intervals)."""
+    """One-sided level of the bounds a lossy variant is judged by: it is within ``max_accuracy_drop`` only
+    when its top-1 drop's upper confidence bound is, and within ``min_agreement`` only when its agreement's
+    lower bound is; 0 or at least 0.5 (0: the point estimate, the behaviour before bounds). Until search
+    revision 4 this was the level of a two-sided interval (0.95 then meant a one-sided 0.975)."""
     max_class_drop: float | None = Field(None, ge=0)
     """Optional: reject a variant whose top-1 drop on any one class (with at least
     ``selection.MIN_CLASS_IMAGES`` validation images) exceeds this many points."""
+
+    @field_validator("confidence")
+    @classmethod
+    def _one_sided_level(cls, value: float) -> float:
+        if 0 < value < 0.5:
+            raise ValueError(f"confidence is a one-sided level: 0 (point estimates) or in [0.5, 1), not {value}")
+        return value
 
     @model_validator(mode="after")
     def _check(self) -> BudgetSettings:

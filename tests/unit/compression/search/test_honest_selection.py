@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from compression.search.accuracy import class_drops, evidence
+from compression.search.accuracy import class_drops, evidence, z_value
 from compression.search.selection import Evidence, Measured, accuracy_verdict, choose
 from compression.search.settings import BudgetSettings
 
@@ -78,14 +78,15 @@ def test_agreement_budget_is_judged_by_its_lower_bound() -> None:
 def test_evidence_bounds_do_not_collapse_without_disagreement() -> None:
     labels = np.arange(200) % 10
     exact = evidence(labels, labels, labels, confidence=0.95, max_drop=1.0, min_agreement=None)
-    assert exact.top1_drop == 0.0 and 0.5 < exact.top1_drop_upper < 1.5  # about z/(n+2) = 0.97 points
+    assert exact.top1_drop == 0.0 and 0.5 < exact.top1_drop_upper < 1.5  # about z/(n+2) = 0.81 points
     assert exact.agreement == 1.0 and exact.agreement_lower < 1.0
     point = evidence(labels, labels, labels, confidence=0.0, max_drop=1.0, min_agreement=None)
     assert point.top1_drop_upper == 0.0  # confidence 0: the point estimate
 
 
 def test_evidence_of_the_issue_case_needs_more_images() -> None:
-    """200 images, 94.5% agreement, drop 0: the interval is about +-3 points; a 1-point budget needs thousands."""
+    """200 images, 94.5% agreement, drop 0.5: the one-sided 95% bound is about 3.3 points; a 1-point budget
+    needs thousands of images."""
     labels = np.arange(200) % 10
     candidate = labels.copy()
     original = labels.copy()
@@ -93,7 +94,9 @@ def test_evidence_of_the_issue_case_needs_more_images() -> None:
     original[6:11] = (labels[6:11] + 1) % 10  # ... and five it gains; agreement 189/200 = 94.5%
     found = evidence(candidate, original, labels, confidence=0.95, max_drop=1.0, min_agreement=None)
     assert found.agreement == pytest.approx(0.945) and found.top1_drop == pytest.approx(0.5)
-    assert found.top1_drop_upper == pytest.approx(3.7, abs=0.3)
+    assert found.top1_drop_upper == pytest.approx(3.3, abs=0.2)
+    stricter = evidence(candidate, original, labels, confidence=0.975, max_drop=1.0, min_agreement=None)
+    assert stricter.top1_drop_upper == pytest.approx(3.7, abs=0.3)  # the two-sided 95% interval's upper end
     assert found.images_needed is not None and 3000 < found.images_needed < 10000
 
 
@@ -103,3 +106,10 @@ def test_class_drops_are_per_label() -> None:
     candidate[10:13] = 0  # three of class 1 lost
     drops = class_drops(candidate, labels, labels)
     assert drops == {"0": (10, 0.0), "1": (10, 30.0)}
+
+
+def test_confidence_is_a_one_sided_level() -> None:
+    assert z_value(0.95) == pytest.approx(1.645, abs=1e-3) and z_value(0.975) == pytest.approx(1.960, abs=1e-3)
+    assert z_value(0.0) == 0.0 and z_value(0.5) == 0.0
+    with pytest.raises(ValueError, match=r"one-sided level: 0 \(point estimates\) or in \[0.5, 1\), not 0.3"):
+        BudgetSettings(confidence=0.3)
