@@ -41,7 +41,7 @@ from compression.search.accuracy import fidelity, predict_top1
 from compression.search.data import EvalData
 from compression.search.report import REPORT_JSON, write_reports
 from compression.search.runner import SearchReport, run_search, training_threads
-from compression.search.settings import BudgetSettings, CompressionSettings, TargetSettings
+from compression.search.settings import BudgetSettings, CompressionSettings, SearchSettings, TargetSettings
 
 TRAINING_VERSION = 1
 MAX_BATCH = 8
@@ -250,12 +250,19 @@ def _search_dir(out: Path, recipe: Recipe, device: str) -> Path:
     return out / "fidelity" / f"search-{recipe.key()}{suffix}"
 
 
+SEARCH_MINUTES = 10.0
+"""The CPU search's wall-clock budget (``search.max_minutes``): issue 14 asks for the whole search in 10
+minutes on the 2 cores; the anytime search does not start a candidate or ratio that would not finish."""
+
+
 def search_settings(device: str) -> CompressionSettings:
-    """CPU: a 1-point top-1 budget at batch 1. GPU: also >= 99% agreement, at batch 64 (GPU serving batches)."""
+    """CPU: a 1-point top-1 budget at batch 1, in ``SEARCH_MINUTES``. GPU: also >= 99% agreement, at batch 64
+    (GPU serving batches)."""
     if device == "cpu":
         return CompressionSettings(
             target=TargetSettings(device="cpu", batch_size=1),
             budget=BudgetSettings(max_accuracy_drop=1.0, objective="fastest"),
+            search=SearchSettings(max_minutes=SEARCH_MINUTES),
         )
     return CompressionSettings(
         target=TargetSettings(device=device, batch_size=GPU_BATCH),

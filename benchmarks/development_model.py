@@ -33,6 +33,7 @@ From code: ``development_model(out, progress).eval_data()`` is what ``run_search
           target: {device: cpu, batch_size: 1}
           budget: {max_accuracy_drop: 1.0, objective: fastest}
           data: {source: tensor_file, path: data.pt, calibration_size: 2000, validation_size: 2000, seed: 0}
+          search: {max_minutes: 10}
 
 NOTE on ``tensor_file`` (``compression/search/data.py``): the file holds one pool of images, which the
 search shuffles with ``data.seed`` and cuts itself: the first ``min(validation_size, N // 2)`` validate,
@@ -86,6 +87,7 @@ models:
       target: {device: cpu, batch_size: 1}
       budget: {max_accuracy_drop: 1.0, objective: fastest}
       data: {source: tensor_file, path: data.pt, calibration_size: 2000, validation_size: 2000, seed: 0}
+      search: {max_minutes: 10}
 """
 """What ``--export`` writes as ``deploy.yaml`` for resnet18 (the module docstring shows it; a unit test keeps
 them equal); ``deploy_yaml`` names another architecture in it."""
