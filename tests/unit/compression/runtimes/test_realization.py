@@ -466,7 +466,12 @@ def test_pt2e_layer_names_survive_fx_models() -> None:
     all_float = builder.variant(builder.layers())(x)
     with torch.no_grad():
         expected = model(x)
-    assert sqnr_db(expected, all_float) > sqnr_db(expected, no_pw) > sqnr_db(expected, full) > MIN_SQNR["int8"]
+    # NOTE: one layer in float need not raise the end-to-end SQNR (int8 errors of several layers can partly
+    # cancel: on an AVX-512 VNNI host "pw" in float gave 47.85 dB against 47.96 all int8), so the test asks
+    # that the named layer was found (the output changes) and that every layer in float is far closer.
+    assert not torch.equal(no_pw, full)
+    assert sqnr_db(expected, full) > MIN_SQNR["int8"]
+    assert sqnr_db(expected, all_float) > sqnr_db(expected, full) + 20
     with pytest.raises(ValueError, match="not in the exported graph"):
         builder.variant(["features.9"])
 
