@@ -161,6 +161,8 @@ def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, set
 
 
 def _train_mode(student: nn.Module, settings: DistillSettings) -> None:
+    """Train mode, BatchNorm left in eval mode with ``freeze_batchnorm``. Called at the start of every epoch:
+    the holdout scoring between epochs restores plain ``train()``."""
     student.train()
     if settings.freeze_batchnorm:
         for module in student.modules():

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from benchmarks import development_model, hard_digits
-from benchmarks.compression_fidelity import HARD_DIGITS, Recipe, model_path
+from benchmarks.compression_fidelity import HARD_DIGITS, SEARCH_MINUTES, Recipe, model_path
 from compression.models.digits.data import load_splits
 
 
@@ -84,6 +84,8 @@ def test_the_exported_deploy_config_is_the_documented_one_and_valid(tmp_path: Pa
     model = load_config(tmp_path / "deploy.yaml").models[0]
     assert model.compression is not None and model.compression.data.source == "tensor_file"
     assert model.compression.data.validation_size == development_model.VALIDATION_SIZE
+    # NOTE: slimserve compress on the export runs the benchmark's search, time budget included
+    assert model.compression.search.max_minutes == SEARCH_MINUTES
     (tmp_path / "deploy.yaml").write_text(development_model.deploy_yaml("mobilenet_v3_small"))
     source = load_config(tmp_path / "deploy.yaml").models[0].source
     assert getattr(source, "architecture", None) == "mobilenet_v3_small"

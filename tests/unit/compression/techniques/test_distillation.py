@@ -269,6 +269,10 @@ def test_frozen_batchnorm_keeps_its_statistics_while_the_rest_trains() -> None:
     assert int(student.state_dict()["body.1.num_batches_tracked"]) > 0
 
 
+def _logit_distance(student: nn.Module, teacher: nn.Module, x: torch.Tensor) -> float:
+    return float(torch.nn.functional.mse_loss(logits_of(student, x, x.device), logits_of(teacher, x, x.device)))
+
+
 def test_the_mse_loss_brings_the_logits_themselves_closer() -> None:
     """MSE matches logits, not softened probabilities: on the training images the logits' mean squared
     distance falls further than under the KL loss of the same run length."""
@@ -278,11 +282,9 @@ def test_the_mse_loss_brings_the_logits_themselves_closer() -> None:
         ctx = _ctx(teacher, 128, lambda line: None)
         settings = DistillSettings(epochs=15, batch_size=16, lr=1e-2, loss=loss, holdout_fraction=0.1)
         distill(student, teacher, ctx.calibration_inputs, settings, ctx)
-        x = ctx.calibration_inputs
-        return float(torch.nn.functional.mse_loss(logits_of(student, x, x.device), logits_of(teacher, x, x.device)))
+        return _logit_distance(student, teacher, ctx.calibration_inputs)
 
     teacher, student = _models()
-    x = _ctx(teacher, 128, lambda line: None).calibration_inputs
-    untrained = float(torch.nn.functional.mse_loss(logits_of(student, x, x.device), logits_of(teacher, x, x.device)))
+    untrained = _logit_distance(student, teacher, _ctx(teacher, 128, lambda line: None).calibration_inputs)
     mse, kl = distance_after("mse"), distance_after("kl")
     assert mse < kl and mse < untrained / 2, (mse, kl, untrained)
